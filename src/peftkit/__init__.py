@@ -1,0 +1,55 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch and Hugging Face models.
+
+Native API: `AdapterModel`, method configs, `save_adapter` / `load_adapter`.
+peft-compatible facade: `LoraConfig`, `get_peft_model`, `PeftModel`.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import methods  # noqa: F401  (registers every method)
+from .checkpoint import load_adapter, read_adapter, save_adapter
+from .compat import PeftModel, get_peft_model
+from .core.config import AdapterConfig
+from .core.model import AdapterModel
+from .core.registry import get_method, method_names
+from .errors import (
+    AdapterNameError,
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    MergeError,
+    NonFiniteWeightError,
+    NoTargetMatchedError,
+    PeftkitError,
+    ShapeMismatchError,
+    UnknownMethodError,
+    UnsupportedLayerError,
+)
+from .methods.lora import LoraConfig
+
+__all__ = [
+    "__version__",
+    "AdapterConfig",
+    "AdapterModel",
+    "LoraConfig",
+    "PeftModel",
+    "get_peft_model",
+    "get_method",
+    "method_names",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "PeftkitError",
+    "ConfigError",
+    "UnknownMethodError",
+    "NoTargetMatchedError",
+    "UnsupportedLayerError",
+    "AdapterNameError",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "ShapeMismatchError",
+    "NonFiniteWeightError",
+    "MergeError",
+]

@@ -1,0 +1,199 @@
+"""Adapter tensors <-> adapter_model.safetensors, with peft's key names; validated reads, atomic writes.
+
+Disk key = "base_model.model." + module path + "." + the adapter's `disk_names()` suffix, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Module copies (modules_to_save) are stored
+as `base_model.model.<path>.<param>`, trained biases as `base_model.model.<path>[.base_layer].bias`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ..core.config import AdapterConfig
+from ..core.host import AdaptedLayer, ModulesToSave
+from ..core.inject import Plan
+from ..core.model import AdapterModel
+from ..errors import CheckpointError, CorruptCheckpointError, NonFiniteWeightError, ShapeMismatchError
+from .config_json import config_from_json, config_to_json
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "adapter_state", "save_adapter", "read_adapter", "load_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+def _adapter_tensors(adapter, original_base: bool) -> dict[str, Tensor]:
+    converted = adapter.state_for_original_base() if original_base else None
+    params = dict(adapter.named_parameters(recurse=False)) | (converted or {})
+    return {suffix: params[name] for name, suffix in adapter.disk_names().items()}
+
+
+def adapter_state(model: AdapterModel, name: str, original_base: bool = False) -> dict[str, Tensor]:
+    """{disk key: tensor} for adapter `name` (contiguous CPU copies)."""
+    out: dict[str, Tensor] = {}
+    for path, host in model.hosts():
+        if isinstance(host, AdaptedLayer) and name in host.adapters:
+            for suffix, t in _adapter_tensors(host.adapters[name], original_base).items():
+                out[f"{PREFIX}{path}.{suffix}"] = t
+        elif isinstance(host, ModulesToSave) and name in host.copies:
+            for key, t in host.copies[name].state_dict().items():
+                out[f"{PREFIX}{path}.{key}"] = t
+    for key in _bias_keys(model, model.configs[name]):
+        out[PREFIX + key] = model.model.get_parameter(key)
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _bias_keys(model: AdapterModel, config: AdapterConfig, planned: list[str] = ()) -> list[str]:
+    """Memory names (under model.model) of the biases the config trains; identical to peft's key tails."""
+    if config.bias == "none":
+        return []
+    adapted = {p for p, h in model.hosts() if isinstance(h, AdaptedLayer)} | set(planned)
+    keys = []
+    for name, _ in model.model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        is_host_bias = owner.endswith(".base_layer") and name.endswith(".bias")
+        plain_owner = owner.removesuffix(".base_layer")
+        if name.endswith("bias") and ".copies." not in name and (config.bias == "all" or plain_owner in adapted):
+            keys.append(name if is_host_bias or plain_owner not in adapted else f"{plain_owner}.base_layer.bias")
+    return keys
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = "default",
+                 original_base: bool = False, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` to `directory` in the PEFT format. original_base=True converts adapters whose init
+    changed the base weight (PiSSA, OLoRA, ...) into plain adapters for the untouched base."""
+    model._check_names([name])
+    config = model.configs[name]
+    tensors = adapter_state(model, name, original_base)
+    if original_base:
+        config = config.for_original_base()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "producer": "peftkit"}
+    _atomic_write(directory / WEIGHTS_NAME, st_save(tensors, metadata=meta))
+    text = json.dumps(config_to_json(config, base_model_name_or_path), indent=2, sort_keys=True)
+    _atomic_write(directory / CONFIG_NAME, text.encode())
+    return directory
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str, Tensor]]:
+    """Read and check an adapter directory: JSON, safetensors integrity, float dtypes, finite values."""
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this an adapter directory?")
+    if not weights_path.is_file():
+        pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+        hint = (f" Found {pickles}: pickle files are never loaded; convert them to safetensors with "
+                "`safetensors.torch.save_file` in a trusted environment.") if pickles else ""
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME}.{hint}")
+    try:
+        data = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{cfg_path}: invalid JSON ({e}); the file is corrupt or truncated") from e
+    config = config_from_json(data, str(cfg_path))
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{weights_path}: not a readable safetensors file ({e}); it is corrupt or "
+                                     "truncated, save the adapter again") from e
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise CorruptCheckpointError(f"{weights_path}: {key} has dtype {t.dtype}; adapters hold float tensors")
+        if not torch.isfinite(t).all():
+            raise NonFiniteWeightError(f"{weights_path}: {key} contains NaN or Inf; the adapter is unusable")
+    return config, tensors
+
+
+def _expected(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
+    """{disk key: shape} the planned adapter needs."""
+    out = {}
+    for path, adapter in p.adapters.items():
+        params = dict(adapter.named_parameters(recurse=False))
+        for pname, suffix in adapter.disk_names().items():
+            out[f"{PREFIX}{path}.{suffix}"] = tuple(params[pname].shape)
+    for path in p.saved_modules:
+        host = model.model.get_submodule(path)
+        module = host.original_module if isinstance(host, ModulesToSave) else host
+        out.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
+    for key in _bias_keys(model, p.config, list(p.adapters)):
+        out[PREFIX + key] = tuple(_param_shape(model, key))
+    return out
+
+
+def _param_shape(model: AdapterModel, key: str) -> torch.Size:
+    try:
+        return model.model.get_parameter(key).shape
+    except AttributeError:  # a planned host: the bias still sits on the plain module
+        return model.model.get_parameter(key.replace(".base_layer.bias", ".bias")).shape
+
+
+def _optional(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
+    """Full base weights of adapted layers, which peft saves for embeddings (`save_embedding_layers`)."""
+    return {f"{PREFIX}{path}.base_layer.weight": tuple(a.ops.weight.shape) for path, a in p.adapters.items()}
+
+
+def _validate(expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[int, ...]],
+              tensors: dict[str, Tensor], where: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - set(optional))
+    expected = expected | {k: v for k, v in optional.items() if k in tensors}
+    if missing:
+        raise CorruptCheckpointError(f"{where}: missing {len(missing)} key(s), e.g. {missing[:3]}; the file does "
+                                     "not match this model and adapter config")
+    if unexpected:
+        raise CorruptCheckpointError(f"{where}: {len(unexpected)} key(s) match no adapted module, e.g. "
+                                     f"{unexpected[:3]}; check target_modules or the base model")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ShapeMismatchError(f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                                     f"{shape}; the adapter was trained on a different base model or rank")
+
+
+def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = "default",
+                 trainable: bool = False, active: bool | None = None) -> AdapterConfig:
+    """Load an adapter directory into `model` as `name`. Everything is checked before the model changes."""
+    config, tensors = read_adapter(directory)
+    p = model.plan_adapter(name, config, initialize=False)
+    _validate(_expected(model, p), _optional(model, p), tensors, str(Path(directory) / WEIGHTS_NAME))
+    with torch.no_grad():
+        for path, adapter in p.adapters.items():
+            for pname, suffix in adapter.disk_names().items():
+                getattr(adapter, pname).copy_(tensors[f"{PREFIX}{path}.{suffix}"])
+    model.commit_adapter(p, active=active, trainable=trainable)
+    _load_extras(model, p, tensors)
+    return config
+
+
+def _load_extras(model: AdapterModel, p: Plan, tensors: dict[str, Tensor]) -> None:
+    for key in _optional(model, p):
+        if key in tensors:
+            with torch.no_grad():
+                model.model.get_parameter(key[len(PREFIX):]).copy_(tensors[key])
+    for path in p.saved_modules:
+        copy = model.model.get_submodule(path).copies[p.name]
+        prefix = f"{PREFIX}{path}."
+        copy.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        for key in _bias_keys(model, p.config):
+            model.model.get_parameter(key).copy_(tensors[PREFIX + key])

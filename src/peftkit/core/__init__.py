@@ -1,0 +1,1 @@
+"""Method-agnostic machinery: configs, registry, layer views, the multi-adapter host, injection."""

@@ -1,0 +1,174 @@
+"""The one multi-adapter host: a base layer plus named adapters, with activation, merging and routing.
+
+Every bit of "several adapters on one layer" bookkeeping lives here (and in `ModulesToSave` for whole-module
+copies). Methods only implement one adapter's math.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import MergeError, NonFiniteWeightError
+from .adapter import Adapter
+from .layers import LayerOps
+
+__all__ = ["AdaptedLayer", "ModulesToSave", "Routing", "BASE"]
+
+BASE = "__base__"  # routing name for rows that use no adapter
+
+
+class Routing:
+    """Per-batch routing shared by all hosts of one model: `rows[i]` is the adapter name for batch row i."""
+
+    def __init__(self) -> None:
+        self.rows: tuple[str, ...] | None = None
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, Tensor]:
+        """{adapter name: row indices} for the current batch."""
+        if self.rows is None or len(self.rows) != batch:
+            got = None if self.rows is None else len(self.rows)
+            raise ValueError(f"adapter_names has {got} entries but the batch has {batch} rows; pass one per row")
+        out: dict[str, list[int]] = {}
+        for i, name in enumerate(self.rows):
+            out.setdefault(name, []).append(i)
+        return {k: torch.tensor(v, device=device) for k, v in out.items()}
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer (`base_layer`, frozen) with adapters (`adapters[name]`) whose outputs add.
+
+    State: `active` (names whose contribution is added), `merged` (stack of names folded into the base
+    weight), `disabled` (base only). `routing` (shared per model) selects one adapter per batch row instead.
+    """
+
+    def __init__(self, base_layer: nn.Module, ops: LayerOps, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.ops = ops
+        self.routing = routing
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # --- adapters ---------------------------------------------------------------------------------------------
+    def add(self, name: str, adapter: Adapter) -> None:
+        if adapter.init_delta is not None:
+            self._shift_base(-adapter.init_delta)  # W_res = W - init part (PiSSA-style inits)
+        self.adapters[name] = adapter
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise MergeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
+        adapter = self.adapters[name]
+        if adapter.init_delta is not None:
+            self._shift_base(adapter.init_delta)
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def _shift_base(self, delta2d: Tensor) -> None:
+        w = self.ops.weight2d()
+        self.ops.set_weight2d(w.float() + delta2d.to(w.device))
+
+    # --- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        if self.routing.rows is not None:
+            return self._routed(x, y)
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return y
+        z = self._without_bias(y) if any(self.adapters[n].needs_base_output for n in names) else None
+        for name in names:
+            y = y + self.adapters[name](x, z).to(y.dtype)
+        return y
+
+    def _without_bias(self, y: Tensor) -> Tensor:
+        bias = self.ops.bias
+        return y if bias is None else y - self.ops.channel(bias)
+
+    def _routed(self, x: Tensor, y: Tensor) -> Tensor:
+        """Reference mixed-batch path: each adapter runs on the rows that asked for it."""
+        if self.merged:
+            raise MergeError("adapter_names= cannot be used while adapters are merged; call unmerge first")
+        groups = self.routing.groups(x.shape[0], x.device)
+        need_z = any(self.adapters[n].needs_base_output for n in groups if n in self.adapters)
+        z = self._without_bias(y) if need_z else None
+        for name, idx in groups.items():
+            if name == BASE or name not in self.adapters:
+                continue
+            zi = None if z is None else z.index_select(0, idx)
+            y = y.index_add(0, idx, self.adapters[name](x.index_select(0, idx), zi).to(y.dtype))
+        return y
+
+    # --- merging ----------------------------------------------------------------------------------------------
+    def merged_weight_for(self, names: Sequence[str]) -> Tensor:
+        """The (out, in_flat) fp32 weight after merging `names` in order, without touching the base."""
+        w = self.ops.weight2d().float()
+        for name in names:
+            w = self.adapters[name].merged_weight(w)
+        return w
+
+    def merge(self, names: Sequence[str], safe: bool = False) -> None:
+        names = [n for n in names if n in self.adapters and n not in self.merged]
+        if not names:
+            return
+        w = self.merged_weight_for(names)
+        if safe and not torch.isfinite(w).all():
+            raise NonFiniteWeightError(f"merging {names} gives NaN/Inf weights; nothing was merged")
+        bias = self.ops.bias
+        new_bias = bias
+        for name in names:
+            new_bias = _or(self.adapters[name].merged_bias(new_bias, +1), new_bias)
+        self.ops.set_weight2d(w)
+        if new_bias is not bias:
+            with torch.no_grad():
+                bias.copy_(new_bias)
+        self.merged.extend(names)
+
+    def unmerge(self) -> None:
+        bias = self.ops.bias
+        while self.merged:
+            adapter = self.adapters[self.merged.pop()]
+            self.ops.set_weight2d(adapter.unmerged_weight(self.ops.weight2d().float()))
+            new_bias = adapter.merged_bias(bias, -1)
+            if new_bias is not None:
+                with torch.no_grad():
+                    bias.copy_(new_bias)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+class ModulesToSave(nn.Module):
+    """A whole module with one trainable copy per adapter (`copies[name]`); the active copy runs."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.copies[name] = clone
+
+    def remove(self, name: str) -> None:
+        del self.copies[name]
+        if self.active == name:
+            self.active = None
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active not in self.copies:
+            return self.original_module(*args, **kwargs)
+        return self.copies[self.active](*args, **kwargs)

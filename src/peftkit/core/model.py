@@ -1,0 +1,203 @@
+"""AdapterModel: peftkit's own API over a wrapped model (the peft facade in `compat` builds on it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNameError, NonFiniteWeightError
+from . import inject
+from .config import AdapterConfig
+from .host import BASE, AdaptedLayer, ModulesToSave, Routing
+
+__all__ = ["AdapterModel", "ParamReport"]
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100 * self.trainable / max(self.total, 1)
+        return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {pct:.4f}"
+
+
+class AdapterModel(nn.Module):
+    """A model with named adapters. The base stays frozen; adapters train, merge, combine and switch.
+
+    Which adapters run (`active`) and which train (`trainable`) are independent sets.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: tuple[str, ...] = ()
+        self.trainable: tuple[str, ...] = ()
+        self.routing = Routing()
+        self._bias_originals: dict[str, torch.Tensor] = {}
+        model.requires_grad_(False)
+
+    # --- structure ------------------------------------------------------------------------------------------
+    def hosts(self) -> Iterator[tuple[str, AdaptedLayer | ModulesToSave]]:
+        for path, module in inject.walk(self.model):
+            if isinstance(module, (AdaptedLayer, ModulesToSave)):
+                yield path, module
+
+    def add_adapter(self, name: str, config: AdapterConfig, *, active: bool | None = None,
+                    trainable: bool | None = None) -> list[str]:
+        """Inject `config` as adapter `name`; returns the adapted module paths. Fails without changes.
+        The first adapter is active and trainable by default; later ones are neither until asked."""
+        p = self.plan_adapter(name, config)
+        self.commit_adapter(p, active=active, trainable=trainable)
+        return list(p.adapters)
+
+    def plan_adapter(self, name: str, config: AdapterConfig, initialize: bool = True) -> inject.Plan:
+        """Build adapter `name` without changing the model (see commit_adapter)."""
+        if name in self.configs:
+            raise AdapterNameError(f"adapter {name!r} already exists; delete it or choose another name")
+        return inject.plan(self.model, config, name, self.routing, initialize=initialize)
+
+    def commit_adapter(self, p: inject.Plan, *, active: bool | None = None, trainable: bool | None = None) -> None:
+        first = not self.configs
+        p.commit()
+        self.configs[p.name] = p.config
+        self._apply_bias_mode(p.config, list(p.adapters))
+        if first if active is None else active:
+            self.set_active(*self.active, p.name)
+        else:
+            self.set_active(*self.active)
+        make_trainable = first if trainable is None else trainable
+        self.set_trainable(*self.trainable, *([p.name] if make_trainable else []))
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_names([name])
+        inject.remove(self.model, name)
+        del self.configs[name]
+        self.active = tuple(n for n in self.active if n != name)
+        self.set_active(*self.active)
+        self.set_trainable(*(n for n in self.trainable if n != name))
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.configs:
+                raise AdapterNameError(f"unknown adapter {name!r}; existing adapters: {sorted(self.configs)}")
+
+    # --- activation and training ----------------------------------------------------------------------------
+    def set_active(self, *names: str) -> None:
+        """Adapters whose outputs are added in forward (in this order)."""
+        self._check_names(names)
+        self.active = tuple(dict.fromkeys(names))
+        for _, host in self.hosts():
+            if isinstance(host, AdaptedLayer):
+                host.active = tuple(n for n in self.active if n in host.adapters)
+            else:
+                host.active = next((n for n in self.active if n in host.copies), None)
+
+    def set_trainable(self, *names: str) -> None:
+        """Exactly these adapters' tensors (and their module copies) receive gradients."""
+        self._check_names(names)
+        self.trainable = tuple(dict.fromkeys(names))
+        for _, host in self.hosts():
+            parts = host.adapters if isinstance(host, AdaptedLayer) else host.copies
+            for name, part in parts.items():
+                part.requires_grad_(name in self.trainable)
+
+    def _apply_bias_mode(self, config: AdapterConfig, paths: list[str]) -> None:
+        if config.bias == "none":
+            return
+        for name, p in self.model.named_parameters():
+            owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+            if name.endswith("bias") and (config.bias == "all" or owner in paths):
+                self._bias_originals.setdefault(name, p.detach().clone())
+                p.requires_grad_(True)
+
+    @contextmanager
+    def disabled(self):
+        """Run the plain base model: adapters off, merges undone, trained biases swapped for the originals."""
+        merged = {path: list(h.merged) for path, h in self.hosts() if isinstance(h, AdaptedLayer)}
+        self.unmerge()
+        params = dict(self.model.named_parameters())
+        swapped = {n: params[n].detach().clone() for n in self._bias_originals}
+        self._copy_params(params, self._bias_originals)
+        for _, host in self.hosts():
+            host.disabled = True
+        try:
+            yield self
+        finally:
+            for _, host in self.hosts():
+                host.disabled = False
+            self._copy_params(params, swapped)
+            for path, names in merged.items():
+                self.model.get_submodule(path).merge(names)
+
+    @staticmethod
+    def _copy_params(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, value in values.items():
+                params[name].copy_(value)
+
+    @contextmanager
+    def routed(self, adapter_names: Sequence[str]):
+        """Per-row adapters for one forward: row i uses adapter_names[i] ("__base__" = no adapter)."""
+        self._check_names(n for n in set(adapter_names) if n != BASE)
+        self.routing.rows = tuple(adapter_names)
+        try:
+            yield self
+        finally:
+            self.routing.rows = None
+
+    # --- merging --------------------------------------------------------------------------------------------
+    def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights. safe=True checks every layer first
+        and raises NonFiniteWeightError without changing anything."""
+        names = list(self.active if names is None else names)
+        self._check_names(names)
+        layers = [h for _, h in self.hosts() if isinstance(h, AdaptedLayer)]
+        if safe:
+            for path, h in self.hosts():
+                if isinstance(h, AdaptedLayer):
+                    live = [n for n in names if n in h.adapters and n not in h.merged]
+                    if live and not torch.isfinite(h.merged_weight_for(live)).all():
+                        raise NonFiniteWeightError(f"merging {live} into {path} gives NaN/Inf; nothing was merged")
+        for h in layers:
+            h.merge(names)
+
+    def unmerge(self) -> None:
+        for _, host in self.hosts():
+            if isinstance(host, AdaptedLayer):
+                host.unmerge()
+
+    def merge_and_unload(self, safe: bool = False) -> nn.Module:
+        self.merge(safe=safe)
+        return self._release(merge=True)
+
+    def unload(self) -> nn.Module:
+        self._copy_params(dict(self.model.named_parameters()), self._bias_originals)
+        return self._release(merge=False)
+
+    def _release(self, merge: bool) -> nn.Module:
+        model = inject.unload(self.model, merge=merge)
+        self.configs.clear()
+        self.active = self.trainable = ()
+        return model
+
+    # --- reporting ------------------------------------------------------------------------------------------
+    def param_report(self) -> ParamReport:
+        total = trainable = 0
+        seen: set[int] = set()
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return ParamReport(trainable, total)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)

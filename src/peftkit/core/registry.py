@@ -1,0 +1,65 @@
+"""The method registry: config classes by PEFT type, adapter classes by method name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import UnknownMethodError
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+    from .config import AdapterConfig
+
+__all__ = ["MethodSpec", "register_adapter", "register_config", "get_method", "method_names", "config_for_peft_type"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    adapter_cls: type[Adapter]
+    config_cls: type[AdapterConfig]
+    summary: str
+
+
+_ADAPTERS: dict[str, MethodSpec] = {}
+_CONFIGS_BY_PEFT_TYPE: dict[str, type[AdapterConfig]] = {}
+
+
+def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config class loadable from its PEFT `peft_type`."""
+    _CONFIGS_BY_PEFT_TYPE[cls.peft_type] = cls
+    return cls
+
+
+def register_adapter(name: str, config_cls: type[AdapterConfig]):
+    """Class decorator: register an adapter class under a method name."""
+
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        if name in _ADAPTERS:
+            raise ValueError(f"method {name!r} is registered twice")
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        _ADAPTERS[name] = MethodSpec(name, cls, config_cls, summary)
+        cls.method_name = name
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of a registered method, or UnknownMethodError listing the known ones."""
+    if name not in _ADAPTERS:
+        known = ", ".join(sorted(_ADAPTERS))
+        raise UnknownMethodError("method", f"unknown method {name!r}; registered methods: {known}")
+    return _ADAPTERS[name]
+
+
+def method_names() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def config_for_peft_type(peft_type: str) -> type[AdapterConfig]:
+    if peft_type not in _CONFIGS_BY_PEFT_TYPE:
+        known = ", ".join(sorted(_CONFIGS_BY_PEFT_TYPE))
+        raise UnknownMethodError("peft_type", f"unsupported peft_type {peft_type!r}; supported: {known}")
+    return _CONFIGS_BY_PEFT_TYPE[peft_type]

@@ -1,0 +1,3 @@
+"""Methods: one file each. Importing this package registers every method."""
+
+from . import dora, lora  # noqa: F401

@@ -1,0 +1,90 @@
+"""DoRA: weight-decomposed LoRA, a trainable per-output-channel magnitude over a LoRA-updated direction."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..core.layers import LayerOps
+from ..core.registry import register_adapter
+from .lora import LoraAdapter, LoraConfig
+
+__all__ = ["DoraAdapter", "row_norm_reference"]
+
+
+def row_norm_reference(w2d: Tensor, a2d: Tensor, b2d: Tensor, s: float) -> Tensor:
+    """Slow twin: ||W + s B A||_row with the full (out, in) product materialized."""
+    return torch.linalg.vector_norm(w2d.float() + s * (b2d.float() @ a2d.float()), dim=1)  # (out,)
+
+
+@register_adapter("dora", LoraConfig)
+class DoraAdapter(LoraAdapter):
+    """DoRA (arXiv 2402.09353): y = (m / n) * (W x + s B A drop(x)) + b, n = ||W + s B A||_row (detached).
+
+    Computed as a contribution to the base output z = W x: (m/n - 1) * z + (m/n) * s B A drop(x).
+    n never materializes B A: n^2 = ||w_i||^2 + 2 s <b_i, (W A^T)_i> + s^2 b_i^T (A A^T) b_i.
+    Merge: W' = diag(m/n) (W + s B A); unmerge divides by the m/n stored at merge time.
+    """
+
+    needs_base_output = True
+
+    def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True) -> None:
+        super().__init__(ops, config, initialize)
+        w = ops.weight2d().detach().float()
+        norm = torch.linalg.vector_norm(w, dim=1)  # (out,); m/n = 1 at init
+        self.lora_magnitude_vector = nn.Parameter(norm.reshape(ops.channel_shape()).to(self.lora_A.dtype))
+        self._sq_cache: tuple[tuple, Tensor] | None = None
+        self._merge_ratio: Tensor | None = None
+
+    def _weight_sq(self, w2d: Tensor) -> Tensor:
+        """rowsum(W * W), cached until the base weight changes."""
+        key = (w2d.data_ptr(), w2d._version)
+        if self._sq_cache is None or self._sq_cache[0] != key:
+            self._sq_cache = (key, w2d.float().square().sum(dim=1))  # (out,)
+        return self._sq_cache[1]
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """||W + s B A||_row (out,) in fp32 without forming B A; detached by construction."""
+        w = self.ops.weight2d()
+        a = self.ops.flat(self.lora_A).float()  # (r, in)
+        b = self.ops.flat(self.lora_B).float()  # (out, r)
+        s = self.scaling
+        m = w.to(a.dtype) @ a.T  # (out, r) = W A^T
+        g = a @ a.T  # (r, r)
+        sq = self._weight_sq(w) + 2 * s * (b * m).sum(dim=1) + s * s * ((b @ g) * b).sum(dim=1)  # (out,)
+        return sq.clamp_min(0).sqrt()
+
+    def ratio(self) -> Tensor:
+        """m / n broadcast over the layer output."""
+        return self.lora_magnitude_vector / self.ops.channel(self.weight_norm()).to(self.lora_A.dtype)
+
+    def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
+        ratio = self.ratio()  # (out,) or (1, out, 1, ...)
+        lora = super().forward(x, None)  # s B A drop(x)
+        return (ratio - 1) * z.to(lora.dtype) + ratio * lora
+
+    def _rescaled(self, w2d: Tensor) -> tuple[Tensor, Tensor]:
+        """(W', m/n) for base weight W: W' = diag(m/n) (W + s B A)."""
+        v = w2d + super().delta_weight()  # (out, in_flat)
+        ratio = self.lora_magnitude_vector.detach().float().reshape(-1) / torch.linalg.vector_norm(v, dim=1)  # (out,)
+        return ratio[:, None] * v, ratio
+
+    def delta_weight(self) -> Tensor:
+        w = self.ops.weight2d().float()
+        return self._rescaled(w)[0] - w
+
+    def merged_weight(self, w2d: Tensor) -> Tensor:
+        merged, self._merge_ratio = self._rescaled(w2d)  # the ratio is kept for an exact unmerge
+        return merged
+
+    def unmerged_weight(self, w2d: Tensor) -> Tensor:
+        if self._merge_ratio is None:
+            raise RuntimeError("unmerge called on a DoRA adapter that was never merged")
+        return w2d / self._merge_ratio[:, None] - super().delta_weight()
+
+    def lowered(self) -> None:
+        return None
+
+    def disk_names(self) -> dict[str, str]:
+        return super().disk_names() | {"lora_magnitude_vector": "lora_magnitude_vector"}

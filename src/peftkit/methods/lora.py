@@ -1,0 +1,177 @@
+"""LoRA: low-rank adaptation, with rsLoRA scaling, bias modes and the factor inits of `inits.py`."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core.adapter import Adapter, LowRank
+from ..core.config import AdapterConfig
+from ..core.layers import LayerOps
+from ..core.registry import register_adapter, register_config
+from ..errors import ConfigError
+from .inits import init_factors, parse_init
+
+__all__ = ["LoraConfig", "LoraAdapter"]
+
+MAX_RANK = 65536
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """peft's rule: a pattern key matches a module name as a regex on a dot-boundary suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+@register_config
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig(AdapterConfig):
+    """LoRA / rsLoRA / DoRA settings, with peft's field names.
+
+    r: rank (>= 1). lora_alpha: scale numerator; s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    lora_dropout: dropout on the adapter input. init_lora_weights: True (A kaiming, B zero), False, "gaussian",
+    "pissa", "pissa_niter_<k>", "olora", "nlora". rank_pattern / alpha_pattern: per-module r / alpha by
+    regex suffix. lora_bias: B gets a trainable bias. use_dora: weight-decomposed LoRA (method "dora").
+    fan_in_fan_out: accepted for compatibility; Conv1D layers are detected by type.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    method_name: ClassVar[str] = "lora"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
+    fan_in_fan_out: bool = False
+
+    def validate(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        parse_init(self.init_lora_weights)
+        if self.use_dora and self.lora_bias:
+            raise ConfigError("lora_bias", "cannot be combined with use_dora=True; set one of them to False")
+
+    @property
+    def method(self) -> str:
+        return "dora" if self.use_dora else "lora"
+
+    def for_module(self, name: str) -> LoraConfig:
+        r = _pattern_value(self.rank_pattern, name, self.r)
+        alpha = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        return self if (r, alpha) == (self.r, self.lora_alpha) else self.replace(r=r, lora_alpha=alpha)
+
+    def for_original_base(self) -> LoraConfig:
+        """Rank doubles (see LoraAdapter.state_for_original_base); alpha follows so that s is unchanged."""
+        grow = math.sqrt(2) if self.use_rslora else 2
+        r, alpha = 2 * self.r, self.lora_alpha * grow
+        rank = {k: 2 * v for k, v in self.rank_pattern.items()}
+        keys = set(self.rank_pattern) | set(self.alpha_pattern)
+        alphas = {k: self.alpha_pattern.get(k, self.lora_alpha) * grow for k in keys}
+        return self.replace(r=r, lora_alpha=alpha, rank_pattern=rank, alpha_pattern=alphas, init_lora_weights=True)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _check_rank(field_name: str, r) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise ConfigError(field_name, f"rank must be an integer in [1, {MAX_RANK}], got {r!r}")
+
+
+def _check_alpha(field_name: str, alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(field_name, f"must be a finite number > 0, got {alpha!r}")
+
+
+def adapter_dtype(ops: LayerOps) -> torch.dtype:
+    """Adapters train in fp32 over fp16/bf16 bases (as peft's autocast_adapter_dtype), else in the base dtype."""
+    dtype = ops.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@register_adapter("lora", LoraConfig)
+class LoraAdapter(Adapter):
+    """LoRA (arXiv 2106.09685; rsLoRA arXiv 2312.03732): y = W x + b + s * B A drop(x).
+
+    s = alpha / r (rsLoRA: alpha / sqrt(r)). A: (r, in...), B: (out, r...) in the layer's geometry.
+    Merge: W' = W + s * B @ A, exact to rounding.
+    """
+
+    capabilities = frozenset({"mergeable", "servable"})
+
+    def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True) -> None:
+        super().__init__(ops, config, initialize)
+        r, dtype, device = config.r, adapter_dtype(ops), ops.weight.device
+        self.scaling = config.scaling
+        self.lora_A = self.new_param(ops.a_shape(r), dtype, device)
+        self.lora_B = self.new_param(ops.b_shape(r), dtype, device)
+        self.lora_B_bias = self.new_param((ops.out_features,), dtype, device) if config.lora_bias else None
+        use_dropout = config.lora_dropout > 0 and ops.kind != "embedding"
+        self.dropout = nn.Dropout(config.lora_dropout) if use_dropout else nn.Identity()
+        if initialize:
+            self._initialize(config)
+
+    def _initialize(self, config: LoraConfig) -> None:
+        w = self.ops.weight2d()
+        a, b, taken = init_factors(config.init_lora_weights, w, config.r, self.scaling, self.ops.kind == "embedding")
+        with torch.no_grad():
+            self.lora_A.copy_(a.reshape(self.lora_A.shape))  # (r, in...)
+            self.lora_B.copy_(b.reshape(self.lora_B.shape))  # (out, r...)
+        if taken is not None:
+            self.init_delta = taken  # (out, in_flat): the base gives this up; see core.host.AdaptedLayer.add
+            self.register_buffer("init_A", self.lora_A.detach().clone(), persistent=False)
+            self.register_buffer("init_B", self.lora_B.detach().clone(), persistent=False)
+
+    def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
+        h = self.ops.down(self.dropout(self.cast_input(x, self.lora_A)), self.lora_A)  # (..., r)
+        y = self.ops.up(h, self.lora_B)  # (..., out)
+        if self.lora_B_bias is not None:
+            y = y + self.ops.channel(self.lora_B_bias)
+        return y * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        flat = self.ops.flat
+        return self.scaling * (flat(self.lora_B).float() @ flat(self.lora_A).float())  # (out, in_flat)
+
+    def merged_bias(self, bias: Tensor | None, sign: int) -> Tensor | None:
+        if self.lora_B_bias is None:
+            return None
+        if bias is None:
+            raise ConfigError("lora_bias", "merging needs a base layer with a bias; this layer has none")
+        return bias + sign * self.scaling * self.lora_B_bias.detach().to(bias.dtype)
+
+    def lowered(self) -> LowRank:
+        return LowRank(self.lora_A, self.lora_B, self.scaling)
+
+    def disk_names(self) -> dict[str, str]:
+        if self.ops.kind == "embedding":
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+        names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        return names | ({"lora_B_bias": "lora_B.bias"} if self.lora_B_bias is not None else {})
+
+    def state_for_original_base(self) -> dict[str, Tensor] | None:
+        """W_res + s B_t A_t = W + s [B_t, -B_0] [A_t; A_0]: a plain rank-2r LoRA on the original weight."""
+        if self.init_delta is None:
+            return None
+        a = torch.cat([self.lora_A.detach(), self.init_A], dim=0)  # (2r, in...)
+        b = torch.cat([self.lora_B.detach(), -self.init_B], dim=1)  # (out, 2r...)
+        return {"lora_A": a, "lora_B": b}
