@@ -1,0 +1,1 @@
+"""Per-architecture data (default target modules, output heads); no model code."""
