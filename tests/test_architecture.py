@@ -29,7 +29,7 @@ MAX_FUNCTION_LINES = 60
 MAX_NESTING = 4
 MAX_MEDIAN_FUNCTION_LINES = 20
 PEFT_LIBRARIES = ("peft", "loralib", "adapters", "opendelta")
-CORE_MAY_IMPORT = ("peftkit.core", "peftkit.errors")
+CORE_MAY_IMPORT = ("peftkit.core", "peftkit.errors", "peftkit.models.presets")  # presets: pure data
 HEAVY_MODULES = ("transformers", "peft", "fastapi", "uvicorn")
 
 _BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match)

@@ -117,8 +117,9 @@ def add_weighted_adapter(model: AdapterModel, adapters: list[str], weights: list
     opts = {"density": density, "method": majority_sign_method, "gen": gen}
     factors = {}
     for path, host in model.hosts():
-        parts = [(host.adapters[n], w) for n, w in zip(adapters, weights) if isinstance(host, AdaptedLayer)
-                 and n in host.adapters]
+        if not isinstance(host, AdaptedLayer):
+            continue
+        parts = [(host.adapters[n], w) for n, w in zip(adapters, weights, strict=True) if n in host.adapters]
         if parts:
             factors[path] = _layer_factors(host, parts, combination_type, rank, opts, path)
     ranks = {re.escape(p): a.shape[0] for p, (a, _) in factors.items()}
