@@ -148,12 +148,16 @@ def _or(value, default):
 
 
 class ModulesToSave(nn.Module):
-    """A whole module with one trainable copy per adapter (`copies[name]`); the active copy runs."""
+    """A whole module with one trainable copy per adapter (`copies[name]`); the active copy runs.
 
-    def __init__(self, original_module: nn.Module) -> None:
+    Under routing, each batch row runs through the copy of its adapter (the original for the others).
+    """
+
+    def __init__(self, original_module: nn.Module, routing: Routing) -> None:
         super().__init__()
         self.original_module = original_module
         self.copies = nn.ModuleDict()
+        self.routing = routing
         self.active: str | None = None
         self.disabled = False
 
@@ -168,7 +172,17 @@ class ModulesToSave(nn.Module):
         if self.active == name:
             self.active = None
 
-    def forward(self, *args, **kwargs):
-        if self.disabled or self.active not in self.copies:
-            return self.original_module(*args, **kwargs)
-        return self.copies[self.active](*args, **kwargs)
+    def forward(self, x: Tensor, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.routing.rows is not None:
+            return self._routed(x, *args, **kwargs)
+        module = self.copies[self.active] if self.active in self.copies else self.original_module
+        return module(x, *args, **kwargs)
+
+    def _routed(self, x: Tensor, *args, **kwargs) -> Tensor:
+        y = self.original_module(x, *args, **kwargs)
+        for name, idx in self.routing.groups(x.shape[0], x.device).items():
+            if name in self.copies:
+                y = y.index_copy(0, idx, self.copies[name](x.index_select(0, idx), *args, **kwargs))
+        return y

@@ -123,7 +123,7 @@ class Plan:
         for path in self.saved_modules:
             parent, child, module = _get(self.model, path)
             if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module)
+                module = ModulesToSave(module, self.routing)
                 setattr(parent, child, module)
             module.add(self.name)
 
