@@ -48,6 +48,10 @@ class Adapter(nn.Module):
     def forward(self, x: Tensor, z: Tensor | None) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
+    def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
+        """y + forward(x, z); override to fuse the addition (y is the running layer output)."""
+        return y + self.forward(x, z).to(y.dtype)
+
     def delta_weight(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} is not mergeable")
 

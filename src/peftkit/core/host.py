@@ -86,7 +86,7 @@ class AdaptedLayer(nn.Module):
             return y
         z = self._without_bias(y) if any(self.adapters[n].needs_base_output for n in names) else None
         for name in names:
-            y = y + self.adapters[name](x, z).to(y.dtype)
+            y = self.adapters[name].add_to(y, x, z)
         return y
 
     def _without_bias(self, y: Tensor) -> Tensor:

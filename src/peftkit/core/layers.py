@@ -79,6 +79,13 @@ class LayerOps:
     def up(self, h: Tensor, b: Tensor) -> Tensor:
         return F.linear(h, b)  # (..., r) -> (..., out)
 
+    def up_add(self, y: Tensor, h: Tensor, b: Tensor) -> Tensor:
+        """y + up(h, B), fused into one GEMM (addmm, beta=1) where the layout allows."""
+        if self.kind == "conv" or y.dtype != b.dtype:
+            return y + self.up(h, b).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.T)  # (N, out)
+        return out.view(y.shape)
+
     def input_for(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """The layer input cast for an adapter of `dtype` (index inputs stay integer)."""
         return x.to(dtype)

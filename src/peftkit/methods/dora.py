@@ -64,6 +64,14 @@ class DoraAdapter(LoraAdapter):
         lora = super().forward(x, None)  # s B A drop(x)
         return (ratio - 1) * z.to(lora.dtype) + ratio * lora
 
+    def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
+        """y + (m/n - 1) z + (m/n) s B A x  =  (y - z) + (m/n) (z + s B A x), the inner sum as one GEMM."""
+        if z.dtype != self.lora_A.dtype:
+            return super().add_to(y, x, z)
+        t = self.ops.up_add(z, self.project(x), self.lora_B)  # (..., out): z + s B A drop(x)
+        ratio = self.ratio()
+        return t * ratio if y is z else torch.addcmul(y - z, t, ratio)
+
     def _rescaled(self, w2d: Tensor) -> tuple[Tensor, Tensor]:
         """(W', m/n) for base weight W: W' = diag(m/n) (W + s B A)."""
         v = w2d + super().delta_weight()  # (out, in_flat)
