@@ -76,14 +76,9 @@ def test_unload_after_merge_gives_back_base(adapted: Env) -> None:
     close(adapted.out(plain), adapted.base_out)
 
 
-def test_merge_with_two_active_adapters(adapted: Env, request: pytest.FixtureRequest) -> None:
+def test_merge_with_two_active_adapters(adapted: Env) -> None:
     """merge() folds every active adapter: the merged model computes what the unmerged one did."""
     adapted.require("mergeable")
-    if adapted.spec.adapter_cls.needs_base_output:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "bug: AdaptedLayer.merge folds adapters one after another, so an adapter whose contribution "
-            "depends on the base weight (needs_base_output) is merged against a base that already holds "
-            "the other adapters, while the unmerged forward evaluates each against the original base")))
     adapted.add("b", seed=2)
     adapted.model.set_active("default", "b")
     unmerged = adapted.out()
@@ -91,6 +86,35 @@ def test_merge_with_two_active_adapters(adapted: Env, request: pytest.FixtureReq
     adapted.model.merge()
     close(adapted.out(), unmerged)
     close(adapted.out(merged_and_unloaded), unmerged)
+
+
+def test_merge_one_then_the_other_equals_merging_both(adapted: Env) -> None:
+    """Merging in two calls re-merges against the original weight when an adapter reads the base output."""
+    adapted.require("mergeable")
+    adapted.add("b", seed=2)
+    adapted.model.set_active("default", "b")
+    unmerged = adapted.out()
+    adapted.model.set_active("default")
+    adapted.model.merge(["default"])
+    adapted.model.set_active("default", "b")
+    adapted.model.merge(["b"])
+    close(adapted.out(), unmerged)
+    adapted.model.unmerge()
+    close(adapted.out(), unmerged)
+
+
+def test_partial_merge_refused_when_an_active_adapter_reads_the_base(adapted: Env) -> None:
+    adapted.require("mergeable")
+    if not adapted.spec.adapter_cls.needs_base_output:
+        pytest.skip("only adapters that read the base output constrain partial merges")
+    adapted.add("b", seed=2)
+    adapted.model.set_active("default", "b")
+    before, weights = adapted.out(), state(adapted.model)
+    with pytest.raises(MergeError, match="stay active and unmerged"):
+        adapted.model.merge(["default"])
+    assert_state_equal(state(adapted.model), weights, atol=0)
+    assert all(not h.merged for _, h in adapted.model.hosts() if hasattr(h, "merged"))
+    close(adapted.out(), before)
 
 
 def test_routed_forward_while_merged_raises(adapted: Env) -> None:

@@ -29,8 +29,9 @@ class Adapter(nn.Module):
     Contract:
       forward(x, z) returns the contribution added to the base output, where x is the layer input
         and z the base output without bias (only computed when `needs_base_output`).
-      delta_weight() -> (out, in_flat) fp32 with W' = W + delta (requires capability "mergeable").
-      merged_weight / unmerged_weight: override when a merge is not additive (DoRA).
+      delta_weight() -> D, (out, in_flat) fp32, and row_scale(W) -> a (out,) or None: merging alone gives
+        W' = a * (W + D) (a = 1 when None). Requires capability "mergeable". Adapters with a row scale
+        must set needs_base_output (their contribution depends on W).
       disk_names(): parameter name -> PEFT key suffix; checkpoint/ adds the module prefix.
       init_delta: set by base-mutating inits; inject subtracts it from the base, delete adds it back.
     """
@@ -55,13 +56,9 @@ class Adapter(nn.Module):
     def delta_weight(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError(f"{type(self).__name__} is not mergeable")
 
-    def merged_weight(self, w2d: Tensor) -> Tensor:
-        """W' for a base weight (out, in_flat) in fp32."""
-        return w2d + self.delta_weight()
-
-    def unmerged_weight(self, w2d: Tensor) -> Tensor:
-        """Inverse of merged_weight."""
-        return w2d - self.delta_weight()
+    def row_scale(self, w2d: Tensor) -> Tensor | None:
+        """Per-output-row factor a (out,) of the merge W' = a * (W + D), given the base weight; None = 1."""
+        return None
 
     def merged_bias(self, bias: Tensor | None, sign: int) -> Tensor | None:
         """The base bias after merging (sign=+1) or unmerging (sign=-1); None = bias untouched."""

@@ -53,6 +53,7 @@ class AdaptedLayer(nn.Module):
         self.routing = routing
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        self._scales: dict[str, Tensor | None] = {}
         self.disabled = False
 
     # --- adapters ---------------------------------------------------------------------------------------------
@@ -108,43 +109,72 @@ class AdaptedLayer(nn.Module):
         return y
 
     # --- merging ----------------------------------------------------------------------------------------------
-    def merged_weight_for(self, names: Sequence[str]) -> Tensor:
-        """The (out, in_flat) fp32 weight after merging `names` in order, without touching the base."""
+    # Each adapter merges as W' = a * (W + D) with a per-row scale a (None = 1) and a direction update D. A set
+    # merges against the same W, so the merged layer computes what the unmerged forward adds up:
+    #   W' = W + sum_k (a_k (W + D_k) - W) = c * W + sum_k a_k D_k,   c = 1 + sum_k (a_k - 1)
+    # and unmerges as W = (W' - sum_k a_k D_k) / c with the a_k kept from merge time.
+    def merge_result(self, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """(merged (out, in_flat) fp32 weight, per-adapter row scales) for merging `names`; changes nothing."""
         w = self.ops.weight2d().float()
+        scale, offset, scales = torch.ones(w.shape[0], device=w.device), torch.zeros_like(w), {}
         for name in names:
-            w = self.adapters[name].merged_weight(w)
-        return w
+            adapter = self.adapters[name]
+            a, d = adapter.row_scale(w), adapter.delta_weight()  # (out,) or None, (out, in_flat)
+            scales[name] = a
+            offset += d if a is None else a[:, None] * d
+            if a is not None:
+                scale += a - 1
+        return scale[:, None] * w + offset, scales
 
     def merge(self, names: Sequence[str], safe: bool = False) -> None:
-        names = [n for n in names if n in self.adapters and n not in self.merged]
-        if not names:
+        new = self.check_merge(names)
+        if not new:
             return
-        w = self.merged_weight_for(names)
+        if self.merged and self._reads_base([*self.merged, *new]):
+            new = [*self.merged, *new]
+            self.unmerge()  # re-merge the whole set against the original W
+        w, scales = self.merge_result(new)
         if safe and not torch.isfinite(w).all():
-            raise NonFiniteWeightError(f"merging {names} gives NaN/Inf weights; nothing was merged")
-        bias = self.ops.bias
-        new_bias = bias
-        for name in names:
-            new_bias = _or(self.adapters[name].merged_bias(new_bias, +1), new_bias)
+            raise NonFiniteWeightError(f"merging {new} gives NaN/Inf weights; nothing was merged")
         self.ops.set_weight2d(w)
-        if new_bias is not bias:
-            with torch.no_grad():
-                bias.copy_(new_bias)
-        self.merged.extend(names)
+        self._shift_bias(new, +1)
+        self.merged.extend(new)
+        self._scales.update(scales)
+
+    def _reads_base(self, names: Sequence[str]) -> bool:
+        return any(self.adapters[n].needs_base_output for n in names)
+
+    def check_merge(self, names: Sequence[str], where: str = "") -> list[str]:
+        """The adapters of `names` this layer would newly merge; MergeError if the merge would be wrong."""
+        new = [n for n in names if n in self.adapters and n not in self.merged]
+        pending = [n for n in self.active if n not in self.merged and n not in new]
+        blocked = [n for n in pending if new and self._reads_base([n])]
+        if blocked:
+            raise MergeError(f"{where or 'layer'}: adapters {blocked} stay active and unmerged but read the base "
+                             "output, which the merge would change; merge them in the same call or deactivate them")
+        return new
 
     def unmerge(self) -> None:
+        if not self.merged:
+            return
+        scale = torch.ones(self.ops.out_features, device=self.ops.weight.device)
+        offset = torch.zeros_like(self.ops.weight2d(), dtype=torch.float32)
+        for name in self.merged:
+            a, d = self._scales.pop(name, None), self.adapters[name].delta_weight()
+            offset += d if a is None else a[:, None] * d
+            if a is not None:
+                scale += a - 1
+        self.ops.set_weight2d((self.ops.weight2d().float() - offset) / scale[:, None])
+        self._shift_bias(self.merged, -1)
+        self.merged.clear()
+
+    def _shift_bias(self, names: Sequence[str], sign: int) -> None:
         bias = self.ops.bias
-        while self.merged:
-            adapter = self.adapters[self.merged.pop()]
-            self.ops.set_weight2d(adapter.unmerged_weight(self.ops.weight2d().float()))
-            new_bias = adapter.merged_bias(bias, -1)
+        for name in names:
+            new_bias = self.adapters[name].merged_bias(bias, sign)
             if new_bias is not None:
                 with torch.no_grad():
                     bias.copy_(new_bias)
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 class ModulesToSave(nn.Module):

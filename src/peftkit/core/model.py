@@ -154,18 +154,16 @@ class AdapterModel(nn.Module):
 
     # --- merging --------------------------------------------------------------------------------------------
     def merge(self, names: Sequence[str] | None = None, safe: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights. safe=True checks every layer first
-        and raises NonFiniteWeightError without changing anything."""
+        """Fold adapters (default: the active ones) into the base weights. Every layer is checked first, so a
+        refused merge (MergeError; NonFiniteWeightError with safe=True) changes nothing."""
         names = list(self.active if names is None else names)
         self._check_names(names)
-        layers = [h for _, h in self.hosts() if isinstance(h, AdaptedLayer)]
-        if safe:
-            for path, h in self.hosts():
-                if isinstance(h, AdaptedLayer):
-                    live = [n for n in names if n in h.adapters and n not in h.merged]
-                    if live and not torch.isfinite(h.merged_weight_for(live)).all():
-                        raise NonFiniteWeightError(f"merging {live} into {path} gives NaN/Inf; nothing was merged")
-        for h in layers:
+        layers = [(path, h) for path, h in self.hosts() if isinstance(h, AdaptedLayer)]
+        for path, h in layers:
+            live = h.check_merge(names, path)
+            if safe and live and not torch.isfinite(h.merge_result(live)[0]).all():
+                raise NonFiniteWeightError(f"merging {live} into {path} gives NaN/Inf; nothing was merged")
+        for _, h in layers:
             h.merge(names)
 
     def unmerge(self) -> None:

@@ -72,12 +72,12 @@ _REDUCERS: dict[str, Callable[..., Tensor]] = {
 COMBINATIONS = ("linear", "cat", *_REDUCERS)
 
 
-def _concat(parts: list[tuple[object, float]], where: str) -> tuple[Tensor, Tensor]:
+def _concat(host: AdaptedLayer, parts: list[tuple[str, float]], where: str) -> tuple[Tensor, Tensor]:
     a_list, b_list = [], []
-    for adapter, weight in parts:
-        low = adapter.lowered()
+    for name, weight in parts:
+        low = host.adapters[name].lowered()
         if low is None:
-            raise ConfigError("combination_type", f"{where}: {type(adapter).__name__} has no plain low-rank form, "
+            raise ConfigError("combination_type", f"{where}: adapter {name!r} has no plain low-rank form, "
                                                   "so linear/cat cannot be exact; use 'svd' or 'ties'")
         a_list.append(low.a.detach().float())
         b_list.append(low.b.detach().float() * (weight * low.scale))
@@ -92,8 +92,9 @@ def _truncate(delta: Tensor, rank: int, ops) -> tuple[Tensor, Tensor]:
 
 def _layer_factors(host: AdaptedLayer, parts, kind: str, rank: int, opts: dict, where: str):
     if kind in ("linear", "cat"):
-        return _concat(parts, where)
-    taus = [weight * adapter.delta_weight() for adapter, weight in parts]  # (out, in_flat) each
+        return _concat(host, parts, where)
+    w = host.ops.weight2d().float()
+    taus = [weight * (host.merge_result([name])[0] - w) for name, weight in parts]  # true deltas, (out, in_flat)
     return _truncate(_REDUCERS[kind](taus, **opts), rank, host.ops)
 
 
@@ -119,7 +120,7 @@ def add_weighted_adapter(model: AdapterModel, adapters: list[str], weights: list
     for path, host in model.hosts():
         if not isinstance(host, AdaptedLayer):
             continue
-        parts = [(host.adapters[n], w) for n, w in zip(adapters, weights, strict=True) if n in host.adapters]
+        parts = [(n, w) for n, w in zip(adapters, weights, strict=True) if n in host.adapters]
         if parts:
             factors[path] = _layer_factors(host, parts, combination_type, rank, opts, path)
     ranks = {re.escape(p): a.shape[0] for p, (a, _) in factors.items()}

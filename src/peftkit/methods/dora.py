@@ -23,7 +23,7 @@ class DoraAdapter(LoraAdapter):
 
     Computed as a contribution to the base output z = W x: (m/n - 1) * z + (m/n) * s B A drop(x).
     n never materializes B A: n^2 = ||w_i||^2 + 2 s <b_i, (W A^T)_i> + s^2 b_i^T (A A^T) b_i.
-    Merge: W' = diag(m/n) (W + s B A); unmerge divides by the m/n stored at merge time.
+    Merge: W' = diag(m/n) (W + s B A) (row_scale); the host keeps m/n for an exact unmerge.
     """
 
     needs_base_output = True
@@ -34,7 +34,6 @@ class DoraAdapter(LoraAdapter):
         norm = torch.linalg.vector_norm(w, dim=1)  # (out,); m/n = 1 at init
         self.lora_magnitude_vector = nn.Parameter(norm.reshape(ops.channel_shape()).to(self.lora_A.dtype))
         self._sq_cache: tuple[tuple, Tensor] | None = None
-        self._merge_ratio: Tensor | None = None
 
     def _weight_sq(self, w2d: Tensor) -> Tensor:
         """rowsum(W * W), cached until the base weight changes."""
@@ -72,24 +71,10 @@ class DoraAdapter(LoraAdapter):
         ratio = self.ratio()
         return t * ratio if y is z else torch.addcmul(y - z, t, ratio)
 
-    def _rescaled(self, w2d: Tensor) -> tuple[Tensor, Tensor]:
-        """(W', m/n) for base weight W: W' = diag(m/n) (W + s B A)."""
-        v = w2d + super().delta_weight()  # (out, in_flat)
-        ratio = self.lora_magnitude_vector.detach().float().reshape(-1) / torch.linalg.vector_norm(v, dim=1)  # (out,)
-        return ratio[:, None] * v, ratio
-
-    def delta_weight(self) -> Tensor:
-        w = self.ops.weight2d().float()
-        return self._rescaled(w)[0] - w
-
-    def merged_weight(self, w2d: Tensor) -> Tensor:
-        merged, self._merge_ratio = self._rescaled(w2d)  # the ratio is kept for an exact unmerge
-        return merged
-
-    def unmerged_weight(self, w2d: Tensor) -> Tensor:
-        if self._merge_ratio is None:
-            raise RuntimeError("unmerge called on a DoRA adapter that was never merged")
-        return w2d / self._merge_ratio[:, None] - super().delta_weight()
+    def row_scale(self, w2d: Tensor) -> Tensor:
+        """m / ||W + s B A||_row: merging gives W' = diag(m/n) (W + s B A), exact."""
+        v = w2d + self.delta_weight()  # (out, in_flat)
+        return self.lora_magnitude_vector.detach().float().reshape(-1) / torch.linalg.vector_norm(v, dim=1)
 
     def lowered(self) -> None:
         return None
