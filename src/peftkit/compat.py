@@ -19,6 +19,18 @@ from .errors import CheckpointError
 
 __all__ = ["PeftModel", "get_peft_model"]
 
+# peft's task-specific wrappers add the task head to modules_to_save; so does the facade.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _with_task_heads(config: AdapterConfig) -> AdapterConfig:
+    heads = _TASK_HEADS.get(str(config.task_type))
+    current = config.modules_to_save or ()
+    if not heads or set(heads) <= set(current):
+        return config
+    return config.replace(modules_to_save=current + tuple(h for h in heads if h not in current))
+
 
 class PeftModel(AdapterModel):
     """peft's `PeftModel` API over `AdapterModel`."""
@@ -33,6 +45,10 @@ class PeftModel(AdapterModel):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.model, name)  # e.g. config, generation_config
+
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig, **kwargs) -> list[str]:
+        """As peft: a task_type of SEQ_CLS / TOKEN_CLS / QUESTION_ANS also trains and saves the task head."""
+        return super().add_adapter(adapter_name, _with_task_heads(peft_config), **kwargs)
 
     # --- loading and saving ---------------------------------------------------------------------------------
     @classmethod

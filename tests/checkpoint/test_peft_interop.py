@@ -9,7 +9,7 @@ For each config in CASES:
     (peftkit must accept the extra keys).
   count: both libraries report the same (trainable, total) parameter counts for the config.
 Plus: two adapters in peft's layout (second one in a subfolder), both directions, and single checks for known
-gaps (strict xfails; each reason says what is wrong).
+gaps found earlier (now fixed; XFAIL stays as the place to record a known gap with its reason).
 """
 
 from __future__ import annotations
@@ -90,15 +90,7 @@ BIAS_ALL_MTS = ("peft's bias='all' also saves the biases inside its modules_to_s
                 "loader rejects both (CorruptCheckpointError: key(s) match no adapted module)")
 SEQ_CLS = ("peft's get_peft_model with task_type='SEQ_CLS' adds ['classifier', 'score'] to modules_to_save; "
            "peftkit's facade ignores task_type, so the classifier is neither trained nor saved")
-XFAIL: dict[tuple[str, str], str] = {
-    ("bert-bias-all-classifier", "A"): BIAS_ALL_MTS,
-    ("bert-bias-all-classifier", "keys"): BIAS_ALL_MTS,
-    ("bert-seq-cls", "B"): SEQ_CLS + " (peft then fails: KeyError 'base_model.model.classifier.weight')",
-    ("bert-seq-cls", "keys"): SEQ_CLS,
-    ("bert-seq-cls", "count"): SEQ_CLS,
-    ("bert-bias-all-classifier", "count"): "with bias='all' peftkit also trains <path>.original_module.bias of a "
-                                           "modules_to_save module; peft freezes the original and trains the copy",
-}
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _params(case: str, direction: str):
@@ -179,9 +171,6 @@ def test_same_trainable_and_total_parameter_counts(case):
     assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, raises=peftkit.ConfigError,
-                   reason="peftkit rejects peft init names it does not implement (ConfigError 'unknown init') even "
-                          "when only loading, where the init is irrelevant")
 def test_peft_orthogonal_init_adapter_loads(tmp_path):
     """init_lora_weights='orthogonal' only changes peft's starting values; the saved adapter is plain LoRA."""
     base, x = build_base("llama"), make_input("llama")
@@ -195,10 +184,6 @@ def test_peft_orthogonal_init_adapter_loads(tmp_path):
     assert max_abs(got, want) < TOL
 
 
-@pytest.mark.xfail(strict=True, raises=peftkit.CorruptCheckpointError,
-                   reason="bias='all' + modules_to_save: save_adapter writes '<path>.original_module.bias' (the bias "
-                          "keys are computed after the ModulesToSave host exists) but load_adapter expects the keys "
-                          "of the planned, not yet wrapped model and rejects it as 'matches no adapted module'")
 def test_peftkit_roundtrip_bias_all_with_modules_to_save(tmp_path):
     """peftkit must at least read back what it wrote (no peft involved)."""
     kind, kw = CASES["bert-bias-all-classifier"]
@@ -269,8 +254,6 @@ def test_two_adapters_peftkit_writes_peft_reads(tmp_path):
 
 
 # --- config.json hygiene ----------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="peftkit writes 'peftkit_version' into adapter_config.json; peft warns "
-                                       "'Unexpected keyword arguments [peftkit_version] ... upgrade PEFT' on load")
 def test_peft_loads_peftkit_config_without_warnings(tmp_path):
     base = build_base("llama")
     _peftkit_model(copy.deepcopy(base), CASES["llama-lora"][1]).save_pretrained(tmp_path)
@@ -281,7 +264,6 @@ def test_peft_loads_peftkit_config_without_warnings(tmp_path):
     assert from_peft == []
 
 
-@pytest.mark.xfail(strict=True, reason=SEQ_CLS)
 def test_seq_cls_task_type_makes_classifier_trainable():
     """What peft does for task_type='SEQ_CLS' without modules_to_save: the head trains (and is saved)."""
     kw = dict(target_modules=["query"], task_type="SEQ_CLS")
@@ -291,9 +273,6 @@ def test_seq_cls_task_type_makes_classifier_trainable():
     assert any(p.requires_grad for n, p in ours.named_parameters() if "classifier" in n)
 
 
-@pytest.mark.xfail(strict=True, reason="pyproject filterwarnings 'ignore::UserWarning:peft.*' is an unanchored "
-                                       "module regex that also matches 'peftkit.*', so PeftkitWarning raised from "
-                                       "peftkit.checkpoint.peft_format.load_adapter is silently ignored in tests")
 def test_ini_warning_filters_do_not_swallow_peftkit_warnings():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"

@@ -24,10 +24,8 @@ _BOOKKEEPING = {"peft_type", "task_type", "base_model_name_or_path", "revision",
 
 def config_to_json(config: AdapterConfig, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The dict written to adapter_config.json; peft reads it back as the same config."""
-    from .. import __version__
-
     data = {"peft_type": config.peft_type, "base_model_name_or_path": base_model_name_or_path,
-            "revision": None, "inference_mode": True, "peftkit_version": __version__}
+            "revision": None, "inference_mode": True}
     data.update(config.to_dict())
     return data
 

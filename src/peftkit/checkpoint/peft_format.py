@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from .. import __version__
 from ..core.config import AdapterConfig
 from ..core.host import AdaptedLayer, ModulesToSave
 from ..core.inject import Plan
@@ -38,6 +39,17 @@ def _adapter_tensors(adapter, original_base: bool) -> dict[str, Tensor]:
     return {suffix: params[name] for name, suffix in adapter.disk_names().items()}
 
 
+def _copy_state(host: ModulesToSave, name: str, path: str, bias_all: bool) -> dict[str, Tensor]:
+    """A module copy's tensors; with bias="all" peft also writes both biases under the wrapper's names."""
+    out = {f"{PREFIX}{path}.{key}": t for key, t in host.copies[name].state_dict().items()}
+    if bias_all:
+        for key, t in host.original_module.state_dict().items():
+            if key.endswith("bias"):
+                out[f"{PREFIX}{path}.original_module.{key}"] = t
+                out[f"{PREFIX}{path}.modules_to_save.{key}"] = host.copies[name].state_dict()[key].clone()
+    return out
+
+
 def adapter_state(model: AdapterModel, name: str, original_base: bool = False) -> dict[str, Tensor]:
     """{disk key: tensor} for adapter `name` (contiguous CPU copies)."""
     out: dict[str, Tensor] = {}
@@ -46,26 +58,11 @@ def adapter_state(model: AdapterModel, name: str, original_base: bool = False) -
             for suffix, t in _adapter_tensors(host.adapters[name], original_base).items():
                 out[f"{PREFIX}{path}.{suffix}"] = t
         elif isinstance(host, ModulesToSave) and name in host.copies:
-            for key, t in host.copies[name].state_dict().items():
-                out[f"{PREFIX}{path}.{key}"] = t
-    for key in _bias_keys(model, model.configs[name]):
+            out.update(_copy_state(host, name, path, model.configs[name].bias == "all"))
+    paths = [p for p, h in model.hosts() if isinstance(h, AdaptedLayer) and name in h.adapters]
+    for key in model.bias_names(model.configs[name], paths):
         out[PREFIX + key] = model.model.get_parameter(key)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
-
-
-def _bias_keys(model: AdapterModel, config: AdapterConfig, planned: list[str] = ()) -> list[str]:
-    """Memory names (under model.model) of the biases the config trains; identical to peft's key tails."""
-    if config.bias == "none":
-        return []
-    adapted = {p for p, h in model.hosts() if isinstance(h, AdaptedLayer)} | set(planned)
-    keys = []
-    for name, _ in model.model.named_parameters():
-        owner = name.rsplit(".", 1)[0]
-        is_host_bias = owner.endswith(".base_layer") and name.endswith(".bias")
-        plain_owner = owner.removesuffix(".base_layer")
-        if name.endswith("bias") and ".copies." not in name and (config.bias == "all" or plain_owner in adapted):
-            keys.append(name if is_host_bias or plain_owner not in adapted else f"{plain_owner}.base_layer.bias")
-    return keys
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -88,7 +85,7 @@ def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
         config = config.for_original_base()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "producer": "peftkit"}
+    meta = {"format": "pt", "producer": f"peftkit {__version__}"}
     _atomic_write(directory / WEIGHTS_NAME, st_save(tensors, metadata=meta))
     text = json.dumps(config_to_json(config, base_model_name_or_path), indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, text.encode())
@@ -133,10 +130,8 @@ def _expected(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
         for pname, suffix in adapter.disk_names().items():
             out[f"{PREFIX}{path}.{suffix}"] = tuple(params[pname].shape)
     for path in p.saved_modules:
-        host = model.model.get_submodule(path)
-        module = host.original_module if isinstance(host, ModulesToSave) else host
-        out.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in module.state_dict().items()})
-    for key in _bias_keys(model, p.config, list(p.adapters)):
+        out.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in _original(model, path).state_dict().items()})
+    for key in model.bias_names(p.config, p.adapters, p.saved_modules):
         out[PREFIX + key] = tuple(_param_shape(model, key))
     return out
 
@@ -148,9 +143,26 @@ def _param_shape(model: AdapterModel, key: str) -> torch.Size:
         return model.model.get_parameter(key.replace(".base_layer.bias", ".bias")).shape
 
 
-def _optional(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
+def _base_weights(p: Plan) -> dict[str, tuple[int, ...]]:
     """Full base weights of adapted layers, which peft saves for embeddings (`save_embedding_layers`)."""
     return {f"{PREFIX}{path}.base_layer.weight": tuple(a.ops.weight.shape) for path, a in p.adapters.items()}
+
+
+def _optional(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
+    """Keys accepted when present: base weights (loaded), and the biases of a module copy and its original that
+    peft writes with bias="all" as `<path>.modules_to_save.bias` / `<path>.original_module.bias` (ignored)."""
+    out = _base_weights(p)
+    for path in p.saved_modules:
+        for key, t in _original(model, path).state_dict().items():
+            if key.endswith("bias"):
+                out[f"{PREFIX}{path}.original_module.{key}"] = tuple(t.shape)
+                out[f"{PREFIX}{path}.modules_to_save.{key}"] = tuple(t.shape)
+    return out
+
+
+def _original(model: AdapterModel, path: str):
+    module = model.model.get_submodule(path)
+    return module.original_module if isinstance(module, ModulesToSave) else module
 
 
 def _validate(expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[int, ...]],
@@ -186,14 +198,14 @@ def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
 
 
 def _load_extras(model: AdapterModel, p: Plan, tensors: dict[str, Tensor]) -> None:
-    for key in _optional(model, p):
+    for key in _base_weights(p):
         if key in tensors:
             with torch.no_grad():
                 model.model.get_parameter(key[len(PREFIX):]).copy_(tensors[key])
     for path in p.saved_modules:
-        copy = model.model.get_submodule(path).copies[p.name]
-        prefix = f"{PREFIX}{path}."
-        copy.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        host = model.model.get_submodule(path)
+        keys = host.original_module.state_dict().keys()
+        host.copies[p.name].load_state_dict({k: tensors[f"{PREFIX}{path}.{k}"] for k in keys})
     with torch.no_grad():
-        for key in _bias_keys(model, p.config):
+        for key in model.bias_names(p.config, p.adapters):
             model.model.get_parameter(key).copy_(tensors[PREFIX + key])

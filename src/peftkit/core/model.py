@@ -108,14 +108,26 @@ class AdapterModel(nn.Module):
             for name, part in parts.items():
                 part.requires_grad_(name in self.trainable)
 
+    def bias_names(self, config: AdapterConfig, adapted: Iterable[str], saved: Iterable[str] = ()) -> list[str]:
+        """The biases `config.bias` trains for an adapter on the `adapted` paths, named as after injection
+        (`<path>.base_layer.bias` on adapted layers). Biases inside `saved` module copies are never included."""
+        adapted, saved = set(adapted), tuple(saved) + tuple(p for p, h in self.hosts() if isinstance(h, ModulesToSave))
+        out = []
+        for name, _ in self.model.named_parameters():
+            if config.bias == "none" or not name.endswith(".bias") or ".adapters." in name:
+                continue
+            owner = name.removesuffix(".bias").removesuffix(".base_layer")
+            if any(owner == s or owner.startswith(s + ".") for s in saved):
+                continue
+            if config.bias == "all" or owner in adapted:
+                out.append(f"{owner}.base_layer.bias" if owner in adapted else name)
+        return out
+
     def _apply_bias_mode(self, config: AdapterConfig, paths: list[str]) -> None:
-        if config.bias == "none":
-            return
-        for name, p in self.model.named_parameters():
-            owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
-            if name.endswith("bias") and (config.bias == "all" or owner in paths):
-                self._bias_originals.setdefault(name, p.detach().clone())
-                p.requires_grad_(True)
+        for name in self.bias_names(config, paths):
+            p = self.model.get_parameter(name)
+            self._bias_originals.setdefault(name, p.detach().clone())
+            p.requires_grad_(True)
 
     @contextmanager
     def disabled(self):

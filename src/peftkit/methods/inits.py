@@ -18,6 +18,8 @@ from ..errors import ConfigError
 __all__ = ["init_factors", "parse_init", "INIT_NAMES"]
 
 INIT_NAMES = ("True", "False", "gaussian", "pissa", "pissa_niter_<k>", "olora", "nlora")
+# peft inits peftkit does not compute; adapters trained with them are plain LoRA on disk and load fine.
+LOAD_ONLY_INITS = ("eva", "corda", "loftq", "orthogonal", "mica")
 
 Factors = tuple[Tensor, Tensor, Tensor | None]
 
@@ -87,7 +89,7 @@ def parse_init(value: bool | str) -> tuple[str, int | None]:
     """Validate `init_lora_weights` and return (kind, niter)."""
     if value is True or value is False:
         return str(value), None
-    if value in ("gaussian", "pissa", "olora", "nlora"):
+    if value in ("gaussian", "pissa", "olora", "nlora", *LOAD_ONLY_INITS):
         return value, None
     m = re.fullmatch(r"pissa_niter_(\d+)", str(value))
     if m:
@@ -98,6 +100,9 @@ def parse_init(value: bool | str) -> tuple[str, int | None]:
 def init_factors(value: bool | str, w: Tensor, r: int, s: float, embedding: bool = False) -> Factors:
     """Dispatch on `init_lora_weights`. SVD/QR-based inits need r <= min(out, in)."""
     kind, niter = parse_init(value)
+    if kind in LOAD_ONLY_INITS:
+        raise ConfigError("init_lora_weights", f"init {value!r} can be loaded from disk but peftkit does not compute "
+                                               f"it; to train a new adapter choose one of {INIT_NAMES}")
     if kind in ("pissa", "olora", "nlora") and r > min(w.shape):
         raise ConfigError("r", f"r={r} exceeds min(out, in)={min(w.shape)}, the most that init {value!r} "
                                "can take from this layer; lower r or use rank_pattern for it")
