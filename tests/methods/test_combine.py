@@ -330,8 +330,6 @@ class _Nested(nn.Module):
         self.enc = _Inner()
 
 
-@pytest.mark.xfail(strict=True, reason="combine.add_weighted_adapter builds the new config from module paths used "
-                                       "as suffix target_modules / rank_pattern keys: 'fc' also matches 'enc.fc'")
 @pytest.mark.parametrize("second", ["b", None])
 def test_combine_when_one_path_is_a_suffix_of_another(second):
     torch.manual_seed(0)
@@ -350,8 +348,6 @@ def test_combine_when_one_path_is_a_suffix_of_another(second):
             assert rel_err(delta(host.adapters["mix"]), want) < 1e-5, path
 
 
-@pytest.mark.xfail(strict=True, reason="combine: lora_bias (s * b_B) is dropped by linear/cat, so the combined "
-                                       "adapter is not the weighted sum of the adapters' outputs")
 def test_linear_combination_keeps_lora_bias():
     model = build(("a", "b"), a={"lora_bias": True}, b={"lora_bias": True})
     with torch.no_grad():

@@ -286,8 +286,6 @@ def test_lora_dropout_train_forward_matches_peft_same_seed():
     assert close(ours, theirs, 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="DoraAdapter.forward scales the base output of the UNdropped input, "
-                                       "(m/n - 1) * W x; peft and NVlabs/DoRA use (m/n - 1) * W drop(x) in training")
 def test_dora_dropout_train_forward_matches_peft_same_seed():
     ours, theirs = _dropout_logits_vs_peft(use_dora=True)
     assert close(ours, theirs, 1e-5)

@@ -315,8 +315,6 @@ class _Wrapped(nn.Module):
         self.model = _Layers()
 
 
-@pytest.mark.xfail(strict=True, reason="core/inject._layer_index_ok: the default layer-index regex is greedy and "
-                                       "takes the LAST numbered segment (the expert index), peft takes the first")
 def test_layers_to_transform_nested_indices_match_peft():
     torch.manual_seed(0)
     pm, km = both(_Wrapped(), r=2, target_modules=["fc", "w1"], layers_to_transform=[1])
@@ -325,8 +323,6 @@ def test_layers_to_transform_nested_indices_match_peft():
     assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="core/inject._layer_index_ok requires a '.' before layers_pattern, so a "
-                                       "top-level `layers.<i>.` never matches (peft allows ^)")
 def test_layers_pattern_at_top_level_matches_peft():
     import peft
 
@@ -356,9 +352,6 @@ def test_modules_to_save_outside_targets_match_peft(llama):
     assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="core/inject.find_targets does not exclude modules_to_save: the head is "
-                                       "LoRA-adapted and then wrapped (LoRA inside original_module and the copy); "
-                                       "peft never adapts a module listed in modules_to_save")
 def test_modules_to_save_are_never_adapted():
     pm, km = both(_tiny_bert_cls(), r=2, target_modules="all-linear", modules_to_save=["classifier"])
     theirs, ours = _targets(pm, km)
@@ -366,9 +359,6 @@ def test_modules_to_save_are_never_adapted():
     assert ours == theirs
 
 
-@pytest.mark.xfail(strict=True, reason="task_type SEQ_CLS: peft trains the classifier head as a module copy and "
-                                       "never LoRA-adapts it; needs the task-head rule in compat AND the "
-                                       "modules_to_save exclusion in core/inject.find_targets")
 def test_seq_cls_task_type_trains_the_head_instead_of_adapting_it():
     pm, km = both(_tiny_bert_cls(), r=2, target_modules="all-linear", task_type="SEQ_CLS")
     theirs, ours = _targets(pm, km)

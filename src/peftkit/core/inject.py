@@ -53,10 +53,17 @@ def _layer_index_ok(name: str, config: AdapterConfig) -> bool:
         return True
     patterns = config.layers_pattern or ("[^.]*",)
     for pattern in patterns:
-        m = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)  # the first index after the pattern, as peft
         if m:
             return int(m.group(1)) in config.layers_to_transform
     return False
+
+
+def _excluded(name: str, config: AdapterConfig) -> bool:
+    """exclude_modules, and anything inside a module that gets a trainable copy (modules_to_save)."""
+    saved = config.modules_to_save or ()
+    inside_saved = any(name == m or name.endswith("." + m) or f".{m}." in f".{name}" for m in saved)
+    return inside_saved or _matches(name, config.exclude_modules)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -83,7 +90,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             hit = is_linear_like(base) and name not in heads
         else:
             hit = _matches(name, spec)
-        if hit and not _matches(name, config.exclude_modules) and _layer_index_ok(name, config):
+        if hit and not _excluded(name, config) and _layer_index_ok(name, config):
             out.append(name)
     return out
 

@@ -72,27 +72,37 @@ _REDUCERS: dict[str, Callable[..., Tensor]] = {
 COMBINATIONS = ("linear", "cat", *_REDUCERS)
 
 
-def _concat(host: AdaptedLayer, parts: list[tuple[str, float]], where: str) -> tuple[Tensor, Tensor]:
-    a_list, b_list = [], []
+Factors = tuple[Tensor, Tensor, Tensor | None]  # A (r, in...), B (out, r...), bias of B or None
+
+
+def _concat(host: AdaptedLayer, parts: list[tuple[str, float]], where: str) -> Factors:
+    a_list, b_list, bias = [], [], None
     for name, weight in parts:
-        low = host.adapters[name].lowered()
+        adapter = host.adapters[name]
+        low = adapter.lowered()
         if low is None:
             raise ConfigError("combination_type", f"{where}: adapter {name!r} has no plain low-rank form, "
                                                   "so linear/cat cannot be exact; use 'svd' or 'ties'")
         a_list.append(low.a.detach().float())
         b_list.append(low.b.detach().float() * (weight * low.scale))
-    return torch.cat(a_list, dim=0), torch.cat(b_list, dim=1)  # (sum r, in...), (out, sum r...)
+        b_bias = getattr(adapter, "lora_B_bias", None)
+        if b_bias is not None:
+            bias = (0 if bias is None else bias) + b_bias.detach().float() * (weight * low.scale)  # (out,)
+    return torch.cat(a_list, dim=0), torch.cat(b_list, dim=1), bias  # (sum r, in...), (out, sum r...)
 
 
-def _truncate(delta: Tensor, rank: int, ops) -> tuple[Tensor, Tensor]:
+def _truncate(delta: Tensor, rank: int, ops) -> Factors:
     u, sv, vh = torch.linalg.svd(delta, full_matrices=False)  # (out, k), (k,), (k, in)
     k = min(rank, sv.numel())
-    return vh[:k].reshape(ops.a_shape(k)), (u[:, :k] * sv[:k]).reshape(ops.b_shape(k))
+    return vh[:k].reshape(ops.a_shape(k)), (u[:, :k] * sv[:k]).reshape(ops.b_shape(k)), None
 
 
-def _layer_factors(host: AdaptedLayer, parts, kind: str, rank: int, opts: dict, where: str):
+def _layer_factors(host: AdaptedLayer, parts, kind: str, rank: int, opts: dict, where: str) -> Factors:
     if kind in ("linear", "cat"):
         return _concat(host, parts, where)
+    if any(getattr(host.adapters[n], "lora_B_bias", None) is not None for n, _ in parts):
+        raise ConfigError("combination_type", f"{where}: adapters with lora_bias combine exactly only with "
+                                              "'linear' or 'cat'")
     w = host.ops.weight2d().float()
     taus = [weight * (host.merge_result([name])[0] - w) for name, weight in parts]  # true deltas, (out, in_flat)
     return _truncate(_REDUCERS[kind](taus, **opts), rank, host.ops)
@@ -123,13 +133,18 @@ def add_weighted_adapter(model: AdapterModel, adapters: list[str], weights: list
         parts = [(n, w) for n, w in zip(adapters, weights, strict=True) if n in host.adapters]
         if parts:
             factors[path] = _layer_factors(host, parts, combination_type, rank, opts, path)
-    ranks = {re.escape(p): a.shape[0] for p, (a, _) in factors.items()}
+    ranks = {"^" + re.escape(p): f[0].shape[0] for p, f in factors.items()}  # exact-path keys
     top = max(ranks.values())
-    config = LoraConfig(target_modules=list(factors), r=top, lora_alpha=top, rank_pattern=ranks, alpha_pattern=ranks)
+    exact_paths = "|".join(re.escape(p) for p in factors)  # a str target is fullmatched: no suffix surprises
+    with_bias = any(f[2] is not None for f in factors.values())
+    config = LoraConfig(target_modules=exact_paths, r=top, lora_alpha=top, rank_pattern=ranks, alpha_pattern=ranks,
+                        lora_bias=with_bias)
     plan = model.plan_adapter(adapter_name, config, initialize=False)
     with torch.no_grad():
         for path, adapter in plan.adapters.items():
-            a, b = factors[path]
+            a, b, bias = factors[path]
             adapter.lora_A.copy_(a)
             adapter.lora_B.copy_(b)
+            if bias is not None:
+                adapter.lora_B_bias.copy_(bias)
     model.commit_adapter(plan, active=False, trainable=False)

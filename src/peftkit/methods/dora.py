@@ -59,17 +59,25 @@ class DoraAdapter(LoraAdapter):
         return self.lora_magnitude_vector / self.ops.channel(self.weight_norm()).to(self.lora_A.dtype)
 
     def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
-        ratio = self.ratio()  # (out,) or (1, out, 1, ...)
-        lora = super().forward(x, None)  # s B A drop(x)
-        return (ratio - 1) * z.to(lora.dtype) + ratio * lora
+        return self.add_to(z, x, z) - z
 
     def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
-        """y + (m/n - 1) z + (m/n) s B A x  =  (y - z) + (m/n) (z + s B A x), the inner sum as one GEMM."""
-        if z.dtype != self.lora_A.dtype:
-            return super().add_to(y, x, z)
-        t = self.ops.up_add(z, self.project(x), self.lora_B)  # (..., out): z + s B A drop(x)
+        """y + (m/n - 1) z' + (m/n) s B A x'  =  (y - z') + (m/n) (z' + s B A x'), the inner sum as one GEMM.
+
+        x' = drop(x) and z' = W x' (the base output of the dropped-out input, as the DoRA reference code and
+        peft do); without active dropout x' = x and z' = z, so no extra base matmul is spent.
+        """
+        xd = self.dropout(x)
+        zd = z if xd is x else self._base_output(xd)
+        t = self.ops.up_add(zd.to(self.lora_A.dtype), self.project(xd), self.lora_B)  # (..., out): z' + s B A x'
         ratio = self.ratio()
-        return t * ratio if y is z else torch.addcmul(y - z, t, ratio)
+        out = t * ratio if y is zd else torch.addcmul((y - zd).to(t.dtype), t, ratio)
+        return out.to(y.dtype)
+
+    def _base_output(self, x: Tensor) -> Tensor:
+        """W x without the bias, for a dropped-out input."""
+        y = self.ops.module(x)
+        return y if self.ops.bias is None else y - self.ops.channel(self.ops.bias)
 
     def row_scale(self, w2d: Tensor) -> Tensor:
         """m / ||W + s B A||_row: merging gives W' = diag(m/n) (W + s B A), exact."""

@@ -142,11 +142,11 @@ class LoraAdapter(Adapter):
             self.register_buffer("init_B", self.lora_B.detach().clone(), persistent=False)
 
     def project(self, x: Tensor) -> Tensor:
-        """s * A drop(x): the scale is applied on the rank-r side, the cheap one."""
-        return self.ops.down(self.dropout(self.cast_input(x, self.lora_A)), self.lora_A) * self.scaling  # (..., r)
+        """s * A x for an already dropped-out input: the scale goes on the rank-r side, the cheap one."""
+        return self.ops.down(self.cast_input(x, self.lora_A), self.lora_A) * self.scaling  # (..., r)
 
     def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
-        y = self.ops.up(self.project(x), self.lora_B)  # (..., out)
+        y = self.ops.up(self.project(self.dropout(x)), self.lora_B)  # (..., out)
         if self.lora_B_bias is not None:
             y = y + self.ops.channel(self.lora_B_bias) * self.scaling
         return y
@@ -154,7 +154,7 @@ class LoraAdapter(Adapter):
     def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
         if self.lora_B_bias is not None:
             return super().add_to(y, x, z)
-        return self.ops.up_add(y, self.project(x), self.lora_B)  # y + s B A drop(x), one fused GEMM
+        return self.ops.up_add(y, self.project(self.dropout(x)), self.lora_B)  # y + s B A drop(x), one fused GEMM
 
     def delta_weight(self) -> Tensor:
         flat = self.ops.flat
