@@ -1,0 +1,42 @@
+"""Smoke test for benchmarks/train_step.py: the tiny --quick run completes and writes the documented JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_step.py"
+CASES = ("floor", "peft-lora", "peftkit-lora", "peft-dora", "peftkit-dora")
+
+
+@pytest.mark.slow
+def test_train_step_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "train_step.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--steps", "2", "--warmup", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "x floor" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    for key in ("torch", "peft", "peftkit", "cpu", "threads"):
+        assert key in report["env"]
+    assert report["env"]["threads"] == 1
+    assert set(report["cases"]) == set(CASES)
+    for case, r in report["cases"].items():
+        assert r["steps"] == 2
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert r["peak_rss_mb"] > 0
+        assert r["x_floor"] > 0
+        assert (r["trainable_params"] == 0) == (case == "floor")
+    # same seed, same data, adapters start as the identity: every case sees the same first loss
+    first = {r["first_loss"] for r in report["cases"].values()}
+    assert max(first) - min(first) < 1e-4
+    assert set(report["peftkit_over_peft"]) == {"lora", "dora"}
