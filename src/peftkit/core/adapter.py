@@ -50,7 +50,8 @@ class Adapter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
     def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
-        """y + forward(x, z); override to fuse the addition (y is the running layer output)."""
+        """y + forward(x, z); override to fuse the addition. y is the running layer output and may be updated in
+        place; when `y is z` no other adapter reads z afterwards (see AdaptedLayer.forward)."""
         return y + self.forward(x, z).to(y.dtype)
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - interface

@@ -86,6 +86,8 @@ class AdaptedLayer(nn.Module):
         if not names:
             return y
         z = self._without_bias(y) if any(self.adapters[n].needs_base_output for n in names) else None
+        if z is y and len(names) > 1:
+            z = y.clone()  # later adapters read z: keep it apart from the running output
         for name in names:
             y = self.adapters[name].add_to(y, x, z)
         return y
