@@ -77,6 +77,13 @@ class AdaptedLayer(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.ops.token_wise and x.dim() > 2 and self.routing.rows is None and not (args or kwargs):
+            return self._forward(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)  # (N, in) -> (N, out)
+        return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """Base output plus the active adapters' contributions. Token-wise layers get 2-D x here, so adapters
+        can update the output in place without autograd copying views."""
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return y

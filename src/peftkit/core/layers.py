@@ -20,6 +20,7 @@ class LayerOps:
     """Base view; subclasses fix the geometry. Holds the base module by reference, never copies it."""
 
     kind = "linear"
+    token_wise = True  # output row i depends on input row i only: (..., in) may be flattened to (N, in)
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -79,6 +80,12 @@ class LayerOps:
     def up(self, h: Tensor, b: Tensor) -> Tensor:
         return F.linear(h, b)  # (..., r) -> (..., out)
 
+    def up_add_(self, y: Tensor, h: Tensor, b: Tensor) -> Tensor:
+        """up_add, in place on a 2-D y (the running layer output the host hands over; see Adapter.add_to)."""
+        if y.dim() == 2 and self.kind != "conv" and y.dtype == b.dtype:
+            return y.addmm_(h, b.T)  # (N, out) += (N, r) @ (r, out)
+        return self.up_add(y, h, b)
+
     def up_add(self, y: Tensor, h: Tensor, b: Tensor) -> Tensor:
         """y + up(h, B), fused into one GEMM (addmm, beta=1) where the layout allows."""
         if self.kind == "conv" or y.dtype != b.dtype:
@@ -107,6 +114,7 @@ class EmbeddingOps(LayerOps):
     """nn.Embedding as a linear map of the one-hot input: weight2d = W^T, (dim, num_embeddings)."""
 
     kind = "embedding"
+    token_wise = False
 
     def weight2d(self) -> Tensor:
         return self.weight.T
@@ -126,6 +134,7 @@ class ConvOps(LayerOps):
     """nn.Conv1d/2d/3d: A is a conv with the base kernel/stride/padding, B a 1x1 conv; weight2d = (out, in*k)."""
 
     kind = "conv"
+    token_wise = False
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)

@@ -154,7 +154,7 @@ class LoraAdapter(Adapter):
     def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
         if self.lora_B_bias is not None:
             return super().add_to(y, x, z)
-        return self.ops.up_add(y, self.project(self.dropout(x)), self.lora_B)  # y + s B A drop(x), one fused GEMM
+        return self.ops.up_add_(y, self.project(self.dropout(x)), self.lora_B)  # y += s B A drop(x), one GEMM
 
     def delta_weight(self) -> Tensor:
         flat = self.ops.flat
