@@ -14,6 +14,9 @@ __all__ = [
     "ShapeMismatchError",
     "NonFiniteWeightError",
     "MergeError",
+    "AssetMissingError",
+    "DataError",
+    "ExportError",
 ]
 
 
@@ -63,3 +66,15 @@ class NonFiniteWeightError(PeftkitError, ValueError):
 
 class MergeError(PeftkitError, RuntimeError):
     """A merge or unmerge cannot be done in the current state."""
+
+
+class AssetMissingError(PeftkitError, FileNotFoundError):
+    """An embedded model or dataset package is not installed; the message has the pip line."""
+
+
+class DataError(PeftkitError, ValueError):
+    """A dataset file is malformed or empty; the message names the file (and line)."""
+
+
+class ExportError(PeftkitError, ValueError):
+    """An adapter cannot be exported to the requested target without losing information."""

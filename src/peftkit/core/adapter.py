@@ -78,7 +78,11 @@ class Adapter(nn.Module):
         return None
 
     def extra_losses(self) -> dict[str, Tensor]:
+        """Named regularizers added to the training loss (empty for most methods)."""
         return {}
+
+    def on_step(self, step: int) -> None:
+        """Called after each optimizer step (rank schedules, mask updates); most methods do nothing."""
 
     def cast_input(self, x: Tensor, like: Tensor) -> Tensor:
         return self.ops.input_for(x, like.dtype)

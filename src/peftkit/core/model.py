@@ -197,6 +197,26 @@ class AdapterModel(nn.Module):
         self.active = self.trainable = ()
         return model
 
+    # --- training hooks (the loop calls these; it never names a method) ----------------------------------------
+    def _trained_adapters(self) -> Iterator[tuple[str, str, nn.Module]]:
+        for path, host in self.hosts():
+            if isinstance(host, AdaptedLayer):
+                for name in self.trainable:
+                    if name in host.adapters:
+                        yield path, name, host.adapters[name]
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """Every trainable adapter's named regularizers, summed per name across layers."""
+        out: dict[str, torch.Tensor] = {}
+        for _, _, adapter in self._trained_adapters():
+            for key, value in adapter.extra_losses().items():
+                out[key] = out[key] + value if key in out else value
+        return out
+
+    def step_hook(self, step: int) -> None:
+        for _, _, adapter in self._trained_adapters():
+            adapter.on_step(step)
+
     # --- reporting ------------------------------------------------------------------------------------------
     def param_report(self) -> ParamReport:
         total = trainable = 0
