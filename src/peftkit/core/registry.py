@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import UnknownMethodError
@@ -20,6 +20,11 @@ class MethodSpec:
     adapter_cls: type[Adapter]
     config_cls: type[AdapterConfig]
     summary: str
+    config_defaults: dict = field(default_factory=dict)
+
+    def make_config(self, **fields) -> AdapterConfig:
+        """A config that selects this method (config_defaults carry e.g. the flag that picks it), from fields."""
+        return self.config_cls.from_dict(self.config_defaults | fields)
 
 
 _ADAPTERS: dict[str, MethodSpec] = {}
@@ -32,14 +37,15 @@ def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
     return cls
 
 
-def register_adapter(name: str, config_cls: type[AdapterConfig]):
-    """Class decorator: register an adapter class under a method name."""
+def register_adapter(name: str, config_cls: type[AdapterConfig], config_defaults: dict | None = None):
+    """Class decorator: register an adapter class under a method name. `config_defaults` are the config
+    fields that select this method when the config class serves several (peft's LoraConfig(use_dora=True))."""
 
     def deco(cls: type[Adapter]) -> type[Adapter]:
         if name in _ADAPTERS:
             raise ValueError(f"method {name!r} is registered twice")
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _ADAPTERS[name] = MethodSpec(name, cls, config_cls, summary)
+        _ADAPTERS[name] = MethodSpec(name, cls, config_cls, summary, dict(config_defaults or {}))
         cls.method_name = name
         return cls
 

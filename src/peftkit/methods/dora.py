@@ -45,7 +45,7 @@ def row_norm_reference(w2d: Tensor, a2d: Tensor, b2d: Tensor, s: float) -> Tenso
     return torch.linalg.vector_norm(w2d.float() + s * (b2d.float() @ a2d.float()), dim=1)  # (out,)
 
 
-@register_adapter("dora", LoraConfig)
+@register_adapter("dora", LoraConfig, config_defaults={"use_dora": True})
 class DoraAdapter(LoraAdapter):
     """DoRA (arXiv 2402.09353): y = (m / n) * (W x + s B A drop(x)) + b, n = ||W + s B A||_row (detached).
 

@@ -1,0 +1,38 @@
+"""The registry: every method is reachable by name, builds a config that selects it, and documents itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import peftkit
+from peftkit.errors import ConfigError, UnknownMethodError
+
+
+@pytest.mark.parametrize("name", peftkit.method_names())
+def test_make_config_selects_the_method(name):
+    spec = peftkit.get_method(name)
+    config = spec.make_config(target_modules=["proj"])
+    assert config.method == name
+    assert isinstance(config, spec.config_cls)
+    assert spec.summary, f"{spec.adapter_cls.__name__} needs a docstring whose first line names the paper"
+
+
+@pytest.mark.parametrize("name", peftkit.method_names())
+def test_make_config_rejects_unknown_fields(name):
+    with pytest.raises(ConfigError, match="valid fields"):
+        peftkit.get_method(name).make_config(target_modules=["proj"], not_a_field=1)
+
+
+@pytest.mark.parametrize("name", peftkit.method_names())
+def test_config_fields_have_defaults(name):
+    cls = peftkit.get_method(name).config_cls
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    assert missing == []
+
+
+def test_unknown_method():
+    with pytest.raises(UnknownMethodError):
+        peftkit.get_method("nope")
