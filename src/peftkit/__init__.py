@@ -16,9 +16,12 @@ from .core.model import AdapterModel
 from .core.registry import get_method, method_names
 from .errors import (
     AdapterNameError,
+    AssetMissingError,
     CheckpointError,
     ConfigError,
     CorruptCheckpointError,
+    DataError,
+    ExportError,
     MergeError,
     NonFiniteWeightError,
     NoTargetMatchedError,
@@ -52,4 +55,7 @@ __all__ = [
     "ShapeMismatchError",
     "NonFiniteWeightError",
     "MergeError",
+    "AssetMissingError",
+    "DataError",
+    "ExportError",
 ]

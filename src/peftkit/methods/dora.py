@@ -54,6 +54,7 @@ class DoraAdapter(LoraAdapter):
     Merge: W' = diag(m/n) (W + s B A) (row_scale); the host keeps m/n for an exact unmerge.
     """
 
+    capabilities = frozenset({"mergeable"})  # not a plain low-rank form: lowered() is None
     needs_base_output = True
 
     def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True) -> None:

@@ -21,7 +21,7 @@ from ..core.config import AdapterConfig
 from ..core.registry import get_method
 from ..errors import ConfigError
 
-__all__ = ["DataSpec", "Recipe", "DEFAULT_RECIPE", "load_recipe", "apply_overrides", "recipe_to_dict"]
+__all__ = ["DataSpec", "Recipe", "DEFAULT_RECIPE_PATH", "load_recipe", "apply_overrides", "recipe_to_dict"]
 
 TASKS = ("causal_lm", "seq_cls")
 FORMATS = ("auto", "prompt_completion", "chat", "classification")
@@ -73,15 +73,7 @@ class Recipe:
     name: str = "run"
 
 
-DEFAULT_RECIPE: dict[str, Any] = {
-    "name": "smollm2-rotten-tomatoes",
-    "model": "smollm2-135m",
-    "task": "causal_lm",
-    "data": {"source": "rotten_tomatoes", "eval_size": 200, "max_length": 64},
-    "adapter": {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-    "train": {"lr": 1e-3, "max_steps": 60, "batch_size": 8, "warmup_ratio": 0.05, "schedule": "cosine",
-              "output_dir": "runs/default", "log_every": 5},
-}
+DEFAULT_RECIPE_PATH = Path(__file__).parent / "recipes" / "default.yaml"  # the embedded default, package data
 
 
 def _section(cls, data: dict, where: str):
@@ -96,7 +88,9 @@ def _section(cls, data: dict, where: str):
 
 def _adapter(data: dict) -> AdapterConfig:
     data = dict(data)
-    method = data.pop("method", "lora")
+    if "method" not in data:
+        raise ConfigError("adapter.method", "missing; name a registered method (see `peftkit methods`)")
+    method = data.pop("method")
     try:
         return get_method(method).make_config(**data)
     except ConfigError as e:
@@ -114,14 +108,16 @@ def build_recipe(data: dict[str, Any]) -> Recipe:
     task = data.get("task", "causal_lm")
     if task not in TASKS:
         raise ConfigError("task", f"must be one of {TASKS}, got {task!r}")
-    return Recipe(model=str(data.get("model", DEFAULT_RECIPE["model"])), task=task,
+    if "model" not in data:
+        raise ConfigError("model", "missing; give an embedded name (smollm2-135m, minilm-l6), a HF id or a path")
+    return Recipe(model=str(data["model"]), task=task,
                   data=_section(DataSpec, data.get("data", {}), "data"), adapter=_adapter(data.get("adapter", {})),
                   train=_section(TrainArgs, data.get("train", {}), "train"), name=str(data.get("name", "run")))
 
 
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """The recipe at `path` (the embedded default when None), with dotted overrides applied."""
-    data = _read_yaml(Path(path)) if path else _deep_copy(DEFAULT_RECIPE)
+    data = _read_yaml(Path(path) if path else DEFAULT_RECIPE_PATH)
     return build_recipe(apply_overrides(data, overrides or {}))
 
 
