@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ class PeftModel(AdapterModel):
 
     def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
         super().__init__(model)
+        self.forward = _forward_with_base_signature(self)
         if peft_config is not None:
             self.add_adapter(adapter_name, peft_config)
 
@@ -144,6 +147,17 @@ class PeftModel(AdapterModel):
             return self.model.generate(*args, **kwargs)
         with self.routed(adapter_names):
             return self.model.generate(*args, **kwargs)
+
+
+def _forward_with_base_signature(model: PeftModel):
+    """model.forward, advertising the base model's parameters (+ adapter_names) to signature readers: HF Trainer
+    keeps only the dataset columns that the model's forward names."""
+    forward = functools.partial(type(model).forward, model)
+    base = inspect.signature(model.model.forward).parameters.values()
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params = [p for p in base if p.kind != p.VAR_KEYWORD] + [extra] + [p for p in base if p.kind == p.VAR_KEYWORD]
+    forward.__signature__ = inspect.Signature(params)
+    return forward
 
 
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", **kwargs) -> PeftModel:

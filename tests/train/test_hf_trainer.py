@@ -68,12 +68,13 @@ def test_trainer_with_gradient_checkpointing(tmp_path: Path) -> None:
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason=(
-    "Trainer keeps only the dataset columns named in inspect.signature(model.forward); it unwraps only peft's own "
-    "PeftModel (isinstance), and peftkit's PeftModel.forward(*args, adapter_names=None, **kwargs) names no column, "
-    "so every column is dropped ('The batch received was empty'). Fix belongs in peftkit/compat.py"))
 def test_trainer_default_arguments(tmp_path: Path) -> None:
-    _expect_failure(_trainer(_model(), tmp_path), "batch received was empty")
+    """Default TrainingArguments (remove_unused_columns=True): the facade's forward advertises the base model's
+    parameters, so the Trainer keeps input_ids/attention_mask/labels."""
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _trainer(model, tmp_path).train()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(

@@ -84,8 +84,11 @@ def _check_config(config: AdapterConfig) -> None:
     if missing:
         raise ExportError(f"{missing[0]}: the {type(config).__name__} has no {missing} field(s); vLLM only loads "
                           "plain low-rank-factor adapters")
-    if "servable" not in get_method(config.method).adapter_cls.capabilities:
-        raise ExportError(f"method: {config.method!r} adapters have no plain low-rank form (not 'servable')")
+    spec = get_method(config.method)
+    if "servable" not in spec.adapter_cls.capabilities:
+        field = next(iter(spec.config_defaults), "method")  # the flag that selected the method, if one did
+        raise ExportError(f"{field}: {config.method!r} adapters have no plain low-rank form (not 'servable'); "
+                          "vLLM cannot load them. Merge the adapter into the base instead")
     if config.modules_to_save:
         raise ExportError(f"modules_to_save: {list(config.modules_to_save)} are trained module copies; vLLM "
                           "cannot load them. Merge the adapter into the base instead")
