@@ -85,7 +85,7 @@ def _build(recipe: Recipe):
 def _summary(model: PeftModel, out: Path) -> str:
     report = model.param_report()
     size = (out / "adapter" / "adapter_model.safetensors").stat().st_size
-    return f"{report}; adapter file {size / 1e6:.2f} MB"
+    return f"{report}; adapter file {size / 1024:.1f} KiB"
 
 
 def run_training(recipe: Recipe, resume: str | None = None) -> TrainResult:
