@@ -305,7 +305,8 @@ def _check_output(out: Path) -> None:
     """A fresh run refuses a dir that holds another run's checkpoints (pruning would mix the two)."""
     if list_checkpoints(out / "checkpoints"):
         raise ConfigError("output_dir", f"{out / 'checkpoints'} holds checkpoints of an earlier run; continue it "
-                                        "with resume_from='latest', or choose another output_dir")
+                                        "with resume_from='latest' (CLI: --resume), or choose another output_dir "
+                                        "(CLI: --train.output_dir DIR)")
 
 
 def _prepare_output(run: _Run) -> None:
