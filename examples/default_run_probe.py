@@ -5,7 +5,26 @@ fixed, seeded, stratified held-out split of the Rotten Tomatoes reviews, trains 
 loop (loss on the label word only) and measures accuracy again after each of several step counts. Prints one
 JSON object with every timing (and the load average, since the machine may be shared).
 
-    python examples/default_run_probe.py --steps 40 80 --batch-size 16 --r 8 --targets q_proj k_proj v_proj o_proj
+    python examples/default_run_probe.py --steps 60 120 --batch-size 16 --targets all-linear --lr 1e-3
+
+Measured on 2 CPU cores (torch threads = 2), shared machine, load average 1-2 unless noted; the held-out split is
+seeded and stratified (58% fresh, so the majority baseline is 58%):
+
+    load (GGUF dequantize + fp32 rebuild + tokenizer)   19-21 s
+    zero-shot, 300 held-out, seed 0: "Review: ...\nSentiment:" -> " positive"/" negative"   77.7%
+                                     same + "Is this movie review positive or negative?\nAnswer:"  42.7%
+                                     chat template, user question, assistant -> "positive"/...   70.3%
+    recommended: plain template, LoRA r 8 / alpha 16 all-linear, AdamW lr 1e-3, 5 warmup steps + cosine,
+                 clip 1.0, batch 16, max_length 64, length-grouped batches
+      seed 0, 200 held-out: 78.5% -> 83.5 (30 steps), 83.5 (60), 84.5 (90), 86.5% (120 steps)
+      seed 1, 400 held-out: 79.0% -> 84.75 (60), 86.0% (120 steps)
+      2.2-2.4 s/step (514 tokens/step), 120 steps = 288 s; eval 11-14 s per 200 examples
+      total: 20 s load + 12 s eval + 288 s train + 13 s eval = ~5.5 min (400 held-out: ~6 min)
+    the same, chat template: 72.0% -> 84.5 (60), 86.5% (120); 715 tokens/step, ~40% slower
+    without length grouping: ~4.0 s/step and ~20 s per 200-example eval (random batches of 16 carry 65% padding)
+    LoRA on the top 10 layers only (backward stops there), lr 2e-3, no grouping: 2.6 s/step, 81.0% after 90
+    logits only at supervised positions (not in this loop): 1.98 -> 1.57 s/step, identical gradients
+Under heavy contention (load 4-5) the same evaluation took 143 s instead of 12 s: OpenMP threads oversubscribed.
 """
 
 from __future__ import annotations

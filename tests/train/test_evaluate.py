@@ -60,8 +60,8 @@ def test_scores_match_unbatched_hand_computation(model, tok, template):
 def test_accuracy_is_the_argmax_of_the_scores(model, tok, template):
     labels = list(template.label_words)
     data = examples(tuple(labels))
-    predicted = [labels[max(range(len(labels)), key=lambda k, e=e: by_hand(model, tok, e, template)[k])]
-                 for e in data]
+    hand = [by_hand(model, tok, e, template) for e in data]
+    predicted = [labels[max(range(len(labels)), key=scores.__getitem__)] for scores in hand]
     expected = sum(p == e["label"] for p, e in zip(predicted, data, strict=True)) / len(data)
     assert 0 < expected < 1, "pick examples where the tiny model is sometimes right and sometimes wrong"
     assert label_word_accuracy(model, tok, data, template, batch_size=4) == expected
