@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import MergeError
 from .config import AdapterConfig
 from .layers import LayerOps
 
@@ -23,7 +25,7 @@ class LowRank:
         self.a, self.b, self.scale = a, b, scale
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, metaclass=ABCMeta):
     """One adapter on one layer. Subclasses declare tensors in __init__ and implement `forward`.
 
     Contract:
@@ -46,16 +48,18 @@ class Adapter(nn.Module):
         self.config = config
         self.init_delta: Tensor | None = None
 
-    def forward(self, x: Tensor, z: Tensor | None) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+    @abstractmethod
+    def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
+        """The contribution added to the base output for layer input x (z: base output without bias)."""
 
     def add_to(self, y: Tensor, x: Tensor, z: Tensor | None) -> Tensor:
         """y + forward(x, z); override to fuse the addition. y is the running layer output and may be updated in
         place; when `y is z` no other adapter reads z afterwards (see AdaptedLayer.forward)."""
         return y + self.forward(x, z).to(y.dtype)
 
-    def delta_weight(self) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+    def delta_weight(self) -> Tensor:
+        """D in W' = a * (W + D); only adapters with the "mergeable" capability provide it."""
+        raise MergeError(f"{type(self).__name__} cannot be merged (no 'mergeable' capability)")
 
     def row_scale(self, w2d: Tensor) -> Tensor | None:
         """Per-output-row factor a (out,) of the merge W' = a * (W + D), given the base weight; None = 1."""
