@@ -8,28 +8,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import methods  # noqa: F401  (registers every method)
+from . import (
+    errors,
+    methods,  # noqa: F401  (registers every method)
+)
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .compat import PeftModel, get_peft_model
 from .core.config import AdapterConfig
 from .core.model import AdapterModel
 from .core.registry import get_method, method_names
-from .errors import (
-    AdapterNameError,
-    AssetMissingError,
-    CheckpointError,
-    ConfigError,
-    CorruptCheckpointError,
-    DataError,
-    ExportError,
-    MergeError,
-    NonFiniteWeightError,
-    NoTargetMatchedError,
-    PeftkitError,
-    ShapeMismatchError,
-    UnknownMethodError,
-    UnsupportedLayerError,
-)
+from .errors import *  # noqa: F403  (every named error type; listed in errors.__all__)
 from .methods.lora import LoraConfig
 
 __all__ = [
@@ -44,18 +32,5 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "read_adapter",
-    "PeftkitError",
-    "ConfigError",
-    "UnknownMethodError",
-    "NoTargetMatchedError",
-    "UnsupportedLayerError",
-    "AdapterNameError",
-    "CheckpointError",
-    "CorruptCheckpointError",
-    "ShapeMismatchError",
-    "NonFiniteWeightError",
-    "MergeError",
-    "AssetMissingError",
-    "DataError",
-    "ExportError",
+    *errors.__all__,
 ]

@@ -92,16 +92,12 @@ class AdaptedLayer(nn.Module):
         names = [n for n in self.active if n not in self.merged]
         if not names:
             return y
-        z = self._without_bias(y) if any(self.adapters[n].needs_base_output for n in names) else None
+        z = self.ops.without_bias(y) if any(self.adapters[n].needs_base_output for n in names) else None
         if z is y and len(names) > 1:
             z = y.clone()  # later adapters read z: keep it apart from the running output
         for name in names:
             y = self.adapters[name].add_to(y, x, z)
         return y
-
-    def _without_bias(self, y: Tensor) -> Tensor:
-        bias = self.ops.bias
-        return y if bias is None else y - self.ops.channel(bias)
 
     def _routed(self, x: Tensor, y: Tensor) -> Tensor:
         """Reference mixed-batch path: each adapter runs on the rows that asked for it."""
@@ -109,7 +105,7 @@ class AdaptedLayer(nn.Module):
             raise MergeError("adapter_names= cannot be used while adapters are merged; call unmerge first")
         groups = self.routing.groups(x.shape[0], x.device)
         need_z = any(self.adapters[n].needs_base_output for n in groups if n in self.adapters)
-        z = self._without_bias(y) if need_z else None
+        z = self.ops.without_bias(y) if need_z else None
         for name, idx in groups.items():
             if name == BASE or name not in self.adapters:
                 continue

@@ -93,6 +93,10 @@ class LayerOps:
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.T)  # (N, out)
         return out.view(y.shape)
 
+    def without_bias(self, y: Tensor) -> Tensor:
+        """A base output with the base bias taken off: z = W x."""
+        return y if self.bias is None else y - self.channel(self.bias)
+
     def input_for(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """The layer input cast for an adapter of `dtype` (index inputs stay integer)."""
         return x.to(dtype)

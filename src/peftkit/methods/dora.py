@@ -108,7 +108,7 @@ class DoraAdapter(LoraAdapter):
         peft do); without active dropout x' = x and z' = z, so no extra base matmul is spent.
         """
         xd = self.dropout(x)
-        zd = z if xd is x else self._base_output(xd)
+        zd = z if xd is x else self.ops.without_bias(self.ops.module(xd))
         t = self.ops.up_add(zd.to(self.lora_A.dtype), self.project(xd), self.lora_B)  # (..., out)
         return torch.addcmul(-zd.to(t.dtype), t, self.ratio())
 
@@ -125,11 +125,6 @@ class DoraAdapter(LoraAdapter):
         dropout_off = isinstance(self.dropout, nn.Identity) or not self.training
         return (y is z and dropout_off and self.ops.kind in ("linear", "conv1d_transposed") and z.dtype == x.dtype
                 == self.lora_A.dtype and bool((self.lora_magnitude_vector != 0).all()))
-
-    def _base_output(self, x: Tensor) -> Tensor:
-        """W x without the bias, for a dropped-out input."""
-        y = self.ops.module(x)
-        return y if self.ops.bias is None else y - self.ops.channel(self.ops.bias)
 
     def row_scale(self, w2d: Tensor) -> Tensor:
         """m / ||W + s B A||_row: merging gives W' = diag(m/n) (W + s B A), exact."""
