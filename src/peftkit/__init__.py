@@ -14,6 +14,7 @@ from . import (
 )
 from .checkpoint import load_adapter, read_adapter, save_adapter
 from .compat import PeftModel, get_peft_model
+from .core.calibrate import Calibration
 from .core.config import AdapterConfig
 from .core.model import AdapterModel
 from .core.registry import get_method, method_names
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "AdapterConfig",
     "AdapterModel",
+    "Calibration",
     "LoraConfig",
     "PeftModel",
     "get_peft_model",

@@ -106,7 +106,7 @@ def test_extra_losses_are_added(tmp_path: Path) -> None:
 def test_step_hook_once_per_optimizer_step(tmp_path: Path) -> None:
     model = tiny_model()
     seen, adapter_seen = [], []
-    model.step_hook = seen.append
+    model.step_hook = lambda step, optimizer=None: seen.append(step)
     _first_adapter(model).on_step = adapter_seen.append
     train(model, batches_fn, TrainArgs(output_dir=str(tmp_path), max_steps=3, grad_accum=2))
     assert seen == [1, 2, 3]

@@ -34,9 +34,17 @@ PREFIX = "base_model.model."
 
 # --- writing ------------------------------------------------------------------------------------------------
 def _adapter_tensors(adapter, original_base: bool) -> dict[str, Tensor]:
-    converted = adapter.state_for_original_base() if original_base else None
-    params = dict(adapter.named_parameters(recurse=False)) | (converted or {})
-    return {suffix: params[name] for name, suffix in adapter.disk_names().items()}
+    converted = (adapter.state_for_original_base() if original_base else None) or {}
+    return {suffix: converted.get(name, getattr(adapter, name)) for name, suffix in adapter.disk_names().items()}
+
+
+def _shared_keys(adapters) -> dict[str, tuple[object, str]]:
+    """{disk key: (adapter, attribute)} of tensors shared across layers ("base_model.<suffix>"), once each."""
+    out = {}
+    for adapter in adapters:
+        for attr, suffix in adapter.shared_disk_names().items():
+            out.setdefault(f"base_model.{suffix}", (adapter, attr))
+    return out
 
 
 def _copy_state(host: ModulesToSave, name: str, path: str, bias_all: bool) -> dict[str, Tensor]:
@@ -59,8 +67,9 @@ def adapter_state(model: AdapterModel, name: str, original_base: bool = False) -
                 out[f"{PREFIX}{path}.{suffix}"] = t
         elif isinstance(host, ModulesToSave) and name in host.copies:
             out.update(_copy_state(host, name, path, model.configs[name].bias == "all"))
-    paths = [p for p, h in model.hosts() if isinstance(h, AdaptedLayer) and name in h.adapters]
-    for key in model.bias_names(model.configs[name], paths):
+    layers = {p: h.adapters[name] for p, h in model.hosts() if isinstance(h, AdaptedLayer) and name in h.adapters}
+    out.update({key: getattr(a, attr) for key, (a, attr) in _shared_keys(layers.values()).items()})
+    for key in model.bias_names(model.configs[name], layers):
         out[PREFIX + key] = model.model.get_parameter(key)
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
@@ -126,9 +135,9 @@ def _expected(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
     """{disk key: shape} the planned adapter needs."""
     out = {}
     for path, adapter in p.adapters.items():
-        params = dict(adapter.named_parameters(recurse=False))
         for pname, suffix in adapter.disk_names().items():
-            out[f"{PREFIX}{path}.{suffix}"] = tuple(params[pname].shape)
+            out[f"{PREFIX}{path}.{suffix}"] = tuple(getattr(adapter, pname).shape)
+    out.update({key: tuple(getattr(a, attr).shape) for key, (a, attr) in _shared_keys(p.adapters.values()).items()})
     for path in p.saved_modules:
         out.update({f"{PREFIX}{path}.{k}": tuple(v.shape) for k, v in _original(model, path).state_dict().items()})
     for key in model.bias_names(p.config, p.adapters, p.saved_modules):
@@ -192,6 +201,10 @@ def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
         for path, adapter in p.adapters.items():
             for pname, suffix in adapter.disk_names().items():
                 getattr(adapter, pname).copy_(tensors[f"{PREFIX}{path}.{suffix}"])
+        for key, (adapter, attr) in _shared_keys(p.adapters.values()).items():
+            getattr(adapter, attr).copy_(tensors[key])
+    for adapter in p.adapters.values():
+        adapter.after_load()
     model.commit_adapter(p, active=active, trainable=trainable)
     _load_extras(model, p, tensors)
     return config

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABCMeta, abstractmethod
-from typing import ClassVar
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +15,26 @@ from ..errors import MergeError
 from .config import AdapterConfig
 from .layers import LayerOps
 
-__all__ = ["Adapter", "LowRank"]
+__all__ = ["Adapter", "AdapterContext", "LowRank"]
+
+
+@dataclass
+class AdapterContext:
+    """What an adapter may know beyond its own layer while it is built.
+
+    path: this layer's module path. targets: every path the adapter is built on, in model order.
+    shared: one dict per injection (all layers of one adapter name), for state shared across layers:
+      parameters (a vector bank, a shared factor pair) and references to the adapters of earlier layers.
+    """
+
+    path: str = ""
+    targets: tuple[str, ...] = ()
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def layer_index(self, path: str | None = None) -> int | None:
+        """The first integer path component (`model.layers.3.mlp.up_proj` -> 3), or None."""
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", self.path if path is None else path)
+        return int(m.group(1)) if m else None
 
 
 class LowRank:
@@ -34,15 +56,27 @@ class Adapter(nn.Module, metaclass=ABCMeta):
       delta_weight() -> D, (out, in_flat) fp32, and row_scale(W) -> a (out,) or None: merging alone gives
         W' = a * (W + D) (a = 1 when None). Requires capability "mergeable". Adapters with a row scale
         must set needs_base_output (their contribution depends on W).
-      disk_names(): parameter name -> PEFT key suffix; checkpoint/ adds the module prefix.
-      init_delta: set by base-mutating inits; inject subtracts it from the base, delete adds it back.
+      disk_names(): tensor (parameter or persistent buffer) name -> PEFT key suffix; checkpoint/ adds the
+        module prefix. shared_disk_names(): tensors shared by all layers -> model-level key (written once).
+      init_delta: what the base weight gave up to this adapter (out, in_flat): set by base-mutating inits or by
+        `shift_base`; the host subtracts it when the adapter is added and adds it back when it is deleted.
+
+    Capabilities: "mergeable" (delta_weight), "servable" (lowered), "identity_at_init" (output equals the base
+    right after injection). Class hooks for data-driven inits and output-space regularizers:
+      calibration: the statistics `calibrate(stats)` needs, a subset of {"grad", "input_cov", "output_cov"}
+        (see core.calibrate); empty = no data needed.
+      output_losses(config, logits, reference): regularizers on the model output, with `reference` the base
+        model's output for the same batch (only computed when `needs_reference_output`).
     """
 
     method_name: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     needs_base_output: ClassVar[bool] = False
+    calibration: ClassVar[frozenset[str]] = frozenset()
+    needs_reference_output: ClassVar[bool] = False
 
-    def __init__(self, ops: LayerOps, config: AdapterConfig, initialize: bool = True) -> None:
+    def __init__(self, ops: LayerOps, config: AdapterConfig, initialize: bool = True,
+                 ctx: AdapterContext | None = None) -> None:
         super().__init__()
         self.ops = ops
         self.config = config
@@ -76,6 +110,25 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def disk_names(self) -> dict[str, str]:
         return {name: name for name, _ in self.named_parameters(recurse=False)}
 
+    def shared_disk_names(self) -> dict[str, str]:
+        """Tensors shared by every layer of this adapter (attribute name -> key after "base_model.")."""
+        return {}
+
+    def after_load(self) -> None:
+        """Called after checkpoint tensors were copied in, before the adapter joins the model (e.g. to derive
+        init_delta from loaded state)."""
+
+    def calibrate(self, stats: dict[str, Tensor]) -> None:
+        """Initialize from data statistics (see `calibration`); may set init_delta."""
+
+    def shift_base(self, delta2d: Tensor) -> None:
+        """Add delta2d (out, in_flat) into the base weight during training (periodic merges) and remember it,
+        so that deleting or unloading this adapter takes it back out."""
+        w = self.ops.weight2d()
+        self.ops.set_weight2d(w.float() + delta2d.to(w.device, torch.float32))
+        taken = -delta2d.detach().float()
+        self.init_delta = taken if self.init_delta is None else self.init_delta + taken
+
     def state_for_original_base(self) -> dict[str, Tensor] | None:
         """Tensors (by parameter name) that apply to the base weight as it was before this adapter's init
         changed it; None when the init left the base alone."""
@@ -85,8 +138,15 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         """Named regularizers added to the training loss (empty for most methods)."""
         return {}
 
-    def on_step(self, step: int) -> None:
-        """Called after each optimizer step (rank schedules, mask updates); most methods do nothing."""
+    def on_step(self, step: int) -> Iterable[nn.Parameter] | None:
+        """Called after each optimizer step (rank schedules, mask updates, periodic merges). Returns the
+        parameters whose optimizer state must be reset (they were re-initialized), or None."""
+        return None
+
+    @classmethod
+    def output_losses(cls, config: AdapterConfig, logits: Tensor, reference: Tensor | None) -> dict[str, Tensor]:
+        """Named regularizers on the model output (logits (..., V)); reference: base output, no grad."""
+        return {}
 
     def cast_input(self, x: Tensor, like: Tensor) -> Tensor:
         return self.ops.input_for(x, like.dtype)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdapterNameError, NoTargetMatchedError
 from ..models.presets import default_target_modules
-from .adapter import Adapter
+from .adapter import Adapter, AdapterContext
 from .config import AdapterConfig
 from .host import AdaptedLayer, ModulesToSave, Routing
 from .layers import is_linear_like, ops_for
@@ -143,6 +143,7 @@ def plan(model: nn.Module, config: AdapterConfig, name: str, routing: Routing, i
     if not targets:
         raise _no_match_error(model, config)
     result = Plan(model, name, config, routing)
+    shared: dict = {}
     for path in targets:
         module = model.get_submodule(path)
         if isinstance(module, AdaptedLayer):
@@ -151,7 +152,8 @@ def plan(model: nn.Module, config: AdapterConfig, name: str, routing: Routing, i
             ops = module.ops
         else:
             ops = ops_for(module, path)
-        result.adapters[path] = spec.adapter_cls(ops, config.for_module(path), initialize=initialize)
+        ctx = AdapterContext(path, tuple(targets), shared)
+        result.adapters[path] = spec.adapter_cls(ops, config.for_module(path), initialize=initialize, ctx=ctx)
     result.saved_modules = _saved_module_paths(model, config)
     return result
 

@@ -44,7 +44,11 @@ class LayerOps:
 
     def weight2d(self) -> Tensor:
         """The base weight as (out, in_flat), a view where the layout allows."""
-        return self.weight
+        return self.to_2d(self.weight)
+
+    def to_2d(self, native: Tensor) -> Tensor:
+        """A tensor in the weight's native layout (the weight, its gradient) as (out, in_flat)."""
+        return native
 
     def to_native(self, w2d: Tensor) -> Tensor:
         """Inverse of weight2d for a tensor of the same (out, in_flat) shape."""
@@ -107,8 +111,8 @@ class Conv1DOps(LayerOps):
 
     kind = "conv1d_transposed"
 
-    def weight2d(self) -> Tensor:
-        return self.weight.T
+    def to_2d(self, native: Tensor) -> Tensor:
+        return native.T
 
     def to_native(self, w2d: Tensor) -> Tensor:
         return w2d.T
@@ -120,8 +124,8 @@ class EmbeddingOps(LayerOps):
     kind = "embedding"
     token_wise = False
 
-    def weight2d(self) -> Tensor:
-        return self.weight.T
+    def to_2d(self, native: Tensor) -> Tensor:
+        return native.T
 
     def to_native(self, w2d: Tensor) -> Tensor:
         return w2d.T
@@ -144,8 +148,8 @@ class ConvOps(LayerOps):
         super().__init__(module)
         self._conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[module.weight.dim() - 2]
 
-    def weight2d(self) -> Tensor:
-        return self.weight.flatten(1)
+    def to_2d(self, native: Tensor) -> Tensor:
+        return native.flatten(1)
 
     def to_native(self, w2d: Tensor) -> Tensor:
         return w2d.reshape(self.weight.shape)

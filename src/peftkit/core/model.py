@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError, NonFiniteWeightError
+from ..errors import AdapterNameError, ConfigError, NonFiniteWeightError
 from . import inject
+from .adapter import Adapter
+from .calibrate import Calibration, collect
 from .config import AdapterConfig
 from .host import BASE, AdaptedLayer, ModulesToSave, Routing
+from .registry import get_method
 
 __all__ = ["AdapterModel", "ParamReport"]
 
@@ -50,18 +53,29 @@ class AdapterModel(nn.Module):
                 yield path, module
 
     def add_adapter(self, name: str, config: AdapterConfig, *, active: bool | None = None,
-                    trainable: bool | None = None) -> list[str]:
+                    trainable: bool | None = None, calibration: Calibration | None = None) -> list[str]:
         """Inject `config` as adapter `name`; returns the adapted module paths. Fails without changes.
-        The first adapter is active and trainable by default; later ones are neither until asked."""
-        p = self.plan_adapter(name, config)
+        The first adapter is active and trainable by default; later ones are neither until asked.
+        calibration: batches for methods that initialize from data (their `calibration` statistics)."""
+        p = self.plan_adapter(name, config, calibration=calibration)
         self.commit_adapter(p, active=active, trainable=trainable)
         return list(p.adapters)
 
-    def plan_adapter(self, name: str, config: AdapterConfig, initialize: bool = True) -> inject.Plan:
+    def plan_adapter(self, name: str, config: AdapterConfig, initialize: bool = True,
+                     calibration: Calibration | None = None) -> inject.Plan:
         """Build adapter `name` without changing the model (see commit_adapter)."""
         if name in self.configs:
             raise AdapterNameError(f"adapter {name!r} already exists; delete it or choose another name")
-        return inject.plan(self.model, config, name, self.routing, initialize=initialize)
+        p = inject.plan(self.model, config, name, self.routing, initialize=initialize)
+        kinds = get_method(config.method).adapter_cls.calibration
+        if initialize and kinds:
+            if calibration is None:
+                raise ConfigError("calibration", f"method {config.method!r} initializes from data; pass "
+                                  "calibration=Calibration(batches) to add_adapter")
+            stats = collect(self.model, {path: a.ops for path, a in p.adapters.items()}, kinds, calibration)
+            for path, adapter in p.adapters.items():
+                adapter.calibrate(stats[path])
+        return p
 
     def commit_adapter(self, p: inject.Plan, *, active: bool | None = None, trainable: bool | None = None) -> None:
         first = not self.configs
@@ -213,9 +227,38 @@ class AdapterModel(nn.Module):
                 out[key] = out[key] + value if key in out else value
         return out
 
-    def step_hook(self, step: int) -> None:
+    def step_hook(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """After optimizer step `step`: every trained adapter's `on_step`; the optimizer state of parameters an
+        adapter re-initialized is dropped."""
         for _, _, adapter in self._trained_adapters():
-            adapter.on_step(step)
+            for p in adapter.on_step(step) or ():
+                if optimizer is not None:
+                    optimizer.state.pop(p, None)
+
+    def output_losses_declared(self, name: str) -> bool:
+        """Whether adapter `name`'s method defines regularizers on the model output."""
+        cls = get_method(self.configs[name].method).adapter_cls
+        return cls.output_losses.__func__ is not Adapter.output_losses.__func__
+
+    def needs_reference_output(self) -> bool:
+        return any(get_method(self.configs[n].method).adapter_cls.needs_reference_output for n in self.trainable)
+
+    def output_losses(self, logits: torch.Tensor,
+                      reference: Callable[[], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Regularizers of trained adapters on the model output `logits`; `reference()` gives the base model's
+        output for the same batch and is called once, only if a method needs it."""
+        ref = None
+        if self.needs_reference_output():
+            if reference is None:
+                raise ConfigError("reference", "a trained method regularizes against the base model's output; "
+                                  "pass reference=lambda: <base logits for this batch>")
+            ref = reference().detach()
+        out: dict[str, torch.Tensor] = {}
+        for name in self.trainable:
+            config = self.configs[name]
+            for key, value in get_method(config.method).adapter_cls.output_losses(config, logits, ref).items():
+                out[key] = out[key] + value if key in out else value
+        return out
 
     # --- reporting ------------------------------------------------------------------------------------------
     def param_report(self) -> ParamReport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter
 from .lora import LoraAdapter, LoraConfig
@@ -54,11 +55,12 @@ class DoraAdapter(LoraAdapter):
     Merge: W' = diag(m/n) (W + s B A) (row_scale); the host keeps m/n for an exact unmerge.
     """
 
-    capabilities = frozenset({"mergeable"})  # not a plain low-rank form: lowered() is None
+    capabilities = frozenset({"mergeable", "identity_at_init"})  # not a plain low-rank form: lowered() is None
     needs_base_output = True
 
-    def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True) -> None:
-        super().__init__(ops, config, initialize)
+    def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True,
+                 ctx: AdapterContext | None = None) -> None:
+        super().__init__(ops, config, initialize, ctx)
         w = ops.weight2d().detach().float()
         norm = torch.linalg.vector_norm(w, dim=1)  # (out,); m/n = 1 at init
         self.lora_magnitude_vector = nn.Parameter(norm.reshape(ops.channel_shape()).to(self.lora_A.dtype))

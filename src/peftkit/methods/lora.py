@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core.adapter import Adapter, LowRank
+from ..core.adapter import Adapter, AdapterContext, LowRank
 from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
@@ -116,10 +116,11 @@ class LoraAdapter(Adapter):
     Merge: W' = W + s * B @ A, exact to rounding.
     """
 
-    capabilities = frozenset({"mergeable", "servable"})
+    capabilities = frozenset({"mergeable", "servable", "identity_at_init"})
 
-    def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True) -> None:
-        super().__init__(ops, config, initialize)
+    def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True,
+                 ctx: AdapterContext | None = None) -> None:
+        super().__init__(ops, config, initialize, ctx)
         r, dtype, device = config.r, adapter_dtype(ops), ops.weight.device
         self.scaling = config.scaling
         self.lora_A = self.new_param(ops.a_shape(r), dtype, device)

@@ -2,9 +2,10 @@
 bf16 autocast, gradient checkpointing, periodic eval, exact resume from checkpoints.
 
 Per optimizer step over a group of `grad_accum` micro-batches b_1..b_k (k < grad_accum only at an epoch's end):
-    L_i = model(**b_i).loss + sum(model.extra_losses().values())
+    L_i = model(**b_i).loss + sum(model.extra_losses().values()) + sum(model.output_losses(logits).values())
     grad = sum_i grad(L_i / k);  clip;  AdamW step;  scheduler step;  model.step_hook(step)
-Methods reach the loop only through `extra_losses()` and `step_hook()`; the loop never names a method.
+Methods reach the loop only through `extra_losses()`, `output_losses()` (with the base model's logits as the
+reference) and `step_hook()`; the loop never names a method.
 """
 
 from __future__ import annotations
@@ -172,7 +173,17 @@ def _loss(model: AdapterModel, batch: Batch) -> Tensor:
     loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
     if loss is None:
         raise DataError("model(**batch) returned no loss; batches need `labels`")
-    return loss + sum(model.extra_losses().values())
+    extra = model.extra_losses()
+    if any(model.output_losses_declared(n) for n in model.trainable):
+        extra |= model.output_losses(out["logits"] if isinstance(out, dict) else out.logits,
+                                     reference=lambda: _reference_logits(model, batch))
+    return loss + sum(extra.values())
+
+
+def _reference_logits(model: AdapterModel, batch: Batch) -> Tensor:
+    with torch.no_grad(), model.disabled():
+        out = model(**batch)
+    return out["logits"] if isinstance(out, dict) else out.logits
 
 
 def _optimizer_step(run: _Run, group: list[Batch]) -> None:
@@ -192,7 +203,7 @@ def _optimizer_step(run: _Run, group: list[Batch]) -> None:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    run.model.step_hook(run.step)
+    run.model.step_hook(run.step, run.optimizer)
     run.last_loss = loss_sum
     run.window.add(loss_sum, tokens)
 
