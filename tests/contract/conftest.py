@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import peftkit
-from peftkit import AdapterConfig, AdapterModel, ConfigError, UnsupportedLayerError
+from peftkit import AdapterConfig, AdapterModel, Calibration, ConfigError, UnsupportedLayerError
 from peftkit.core.host import AdaptedLayer
 
 SEED = 0
@@ -235,12 +235,18 @@ class Env:
     def add(self, name: str = "default", seed: int | None = None, **kwargs: Any) -> None:
         """Add adapter `name` (skipping the test when the method cannot adapt a targeted layer type);
         with `seed`, perturb its parameters."""
+        if self.spec.adapter_cls.calibration and "calibration" not in kwargs:
+            kwargs["calibration"] = self.calibration()
         try:
             self.model.add_adapter(name, self.config(), **kwargs)
         except UnsupportedLayerError as e:
             pytest.skip(f"{self.method} does not support a layer of {self.case.name}: {e}")
         if seed is not None:
             perturb(adapter_params(self.model, name), seed)
+
+    def calibration(self) -> Calibration:
+        """Data for methods that initialize from data: the test batch, with the squared output as the loss."""
+        return Calibration([self.batch], lambda model, batch: self.case.output_fn(model, batch).float().square().mean())
 
     def out(self, model: nn.Module | None = None, batch: dict[str, Tensor] | None = None) -> Tensor:
         with torch.no_grad():

@@ -36,8 +36,8 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
 
 @dataclass
 class Calibration:
-    """Batches for data-driven inits: each batch is passed as model(**batch). loss_fn(model, batch) -> scalar
-    is only used for "grad" statistics."""
+    """Batches for data-driven inits. loss_fn(model, batch) -> scalar runs the model on one batch (default:
+    model(**batch).loss); its value is only used for "grad" statistics."""
 
     batches: Iterable[Mapping[str, Any]]
     loss_fn: Callable[[nn.Module, Mapping[str, Any]], Tensor] = default_loss
@@ -59,7 +59,7 @@ def collect(model: nn.Module, layers: Mapping[str, LayerOps], kinds: Iterable[st
         stats = {path: {} for path in layers}
     covs = kinds & {"input_cov", "output_cov"}
     if covs:
-        for path, extra in _covariances(model, layers, covs, batches).items():
+        for path, extra in _covariances(model, layers, covs, batches, calibration.loss_fn).items():
             stats[path].update(extra)
     return stats
 
@@ -88,7 +88,7 @@ def _gradients(model: nn.Module, layers: Mapping[str, LayerOps], batches: list,
 
 
 def _covariances(model: nn.Module, layers: Mapping[str, LayerOps], kinds: set[str],
-                 batches: list) -> dict[str, dict[str, Tensor]]:
+                 batches: list, run: Callable) -> dict[str, dict[str, Tensor]]:
     for path, ops in layers.items():
         if not ops.token_wise:
             raise UnsupportedLayerError(f"{path}: activation statistics need a Linear-like layer, not {ops.kind}")
@@ -109,6 +109,6 @@ def _covariances(model: nn.Module, layers: Mapping[str, LayerOps], kinds: set[st
         for path, ops in layers.items():
             stack.callback(ops.module.register_forward_hook(hook(path)).remove)
         for batch in batches:
-            model(**batch)
+            run(model, batch)
     return {path: {k: v / max(counts[path], 1) for k, v in s.items()} | {"count": torch.tensor(counts[path])}
             for path, s in sums.items()}
