@@ -55,7 +55,8 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         and z the base output without bias (only computed when `needs_base_output`).
       delta_weight() -> D, (out, in_flat) fp32, and row_scale(W) -> a (out,) or None: merging alone gives
         W' = a * (W + D) (a = 1 when None). Requires capability "mergeable". Adapters with a row scale
-        must set needs_base_output (their contribution depends on W).
+        must set needs_base_output (their contribution depends on W). When D itself is computed from W
+        (BoRA-style double normalization) set delta_reads_base: the host keeps D from merge time for unmerge.
       disk_names(): tensor (parameter or persistent buffer) name -> PEFT key suffix; checkpoint/ adds the
         module prefix. shared_disk_names(): tensors shared by all layers -> model-level key (written once).
       init_delta: what the base weight gave up to this adapter (out, in_flat): set by base-mutating inits or by
@@ -72,6 +73,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     method_name: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     needs_base_output: ClassVar[bool] = False
+    delta_reads_base: ClassVar[bool] = False  # delta_weight() depends on the base weight: kept from merge time
     calibration: ClassVar[frozenset[str]] = frozenset()
     needs_reference_output: ClassVar[bool] = False
 

@@ -54,6 +54,7 @@ class AdaptedLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self._scales: dict[str, Tensor | None] = {}
+        self._deltas: dict[str, Tensor] = {}  # D at merge time, for adapters whose D depends on W
         self.disabled = False
 
     # --- adapters ---------------------------------------------------------------------------------------------
@@ -118,14 +119,18 @@ class AdaptedLayer(nn.Module):
     # merges against the same W, so the merged layer computes what the unmerged forward adds up:
     #   W' = W + sum_k (a_k (W + D_k) - W) = c * W + sum_k a_k D_k,   c = 1 + sum_k (a_k - 1)
     # and unmerges as W = (W' - sum_k a_k D_k) / c with the a_k kept from merge time.
-    def merge_result(self, names: Sequence[str]) -> tuple[Tensor, dict[str, Tensor | None]]:
-        """(merged (out, in_flat) fp32 weight, per-adapter row scales) for merging `names`; changes nothing."""
+    def merge_result(self, names: Sequence[str],
+                     keep: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """(merged (out, in_flat) fp32 weight, per-adapter row scales) for merging `names`; changes nothing
+        except `keep`, which receives D of adapters whose D is computed from the base weight."""
         w = self.ops.weight2d().float()
         scale, offset, scales = torch.ones(w.shape[0], device=w.device), torch.zeros_like(w), {}
         for name in names:
             adapter = self.adapters[name]
             a, d = adapter.row_scale(w), adapter.delta_weight()  # (out,) or None, (out, in_flat)
             scales[name] = a
+            if adapter.delta_reads_base and keep is not None:
+                keep[name] = d  # D was computed from this W; unmerge must not recompute it from W'
             offset += d if a is None else a[:, None] * d
             if a is not None:
                 scale += a - 1
@@ -138,7 +143,7 @@ class AdaptedLayer(nn.Module):
         if self.merged and self._reads_base([*self.merged, *new]):
             new = [*self.merged, *new]
             self.unmerge()  # re-merge the whole set against the original W
-        w, scales = self.merge_result(new)
+        w, scales = self.merge_result(new, keep=self._deltas)
         if safe and not torch.isfinite(w).all():
             raise NonFiniteWeightError(f"merging {new} gives NaN/Inf weights; nothing was merged")
         self.ops.set_weight2d(w)
@@ -147,7 +152,7 @@ class AdaptedLayer(nn.Module):
         self._scales.update(scales)
 
     def _reads_base(self, names: Sequence[str]) -> bool:
-        return any(self.adapters[n].needs_base_output for n in names)
+        return any(self.adapters[n].needs_base_output or self.adapters[n].delta_reads_base for n in names)
 
     def check_merge(self, names: Sequence[str], where: str = "") -> list[str]:
         """The adapters of `names` this layer would newly merge; MergeError if the merge would be wrong."""
@@ -165,7 +170,8 @@ class AdaptedLayer(nn.Module):
         scale = torch.ones(self.ops.out_features, device=self.ops.weight.device)
         offset = torch.zeros_like(self.ops.weight2d(), dtype=torch.float32)
         for name in self.merged:
-            a, d = self._scales.pop(name, None), self.adapters[name].delta_weight()
+            a = self._scales.pop(name, None)
+            d = self._deltas.pop(name) if name in self._deltas else self.adapters[name].delta_weight()
             offset += d if a is None else a[:, None] * d
             if a is not None:
                 scale += a - 1
