@@ -25,6 +25,9 @@ from peftkit.core.host import AdaptedLayer
 SEED = 0
 BATCH = 4
 NOISE = 0.1
+# Sizes for tiny models, applied to every config that has the field (others drop it): a small rank, and a
+# vector-bank sub-vector length that divides the tiny layers' widths.
+TINY_FIELDS = {"r": 4, "vector_length": 8, "num_vectors": 16}
 
 
 # --- configs ------------------------------------------------------------------------------------------------
@@ -230,7 +233,7 @@ class Env:
         self.model = AdapterModel(self.base_model)
 
     def config(self, **overrides: Any) -> AdapterConfig:
-        return make_config(self.method, self.case.targets, **{"r": 4, **overrides})
+        return make_config(self.method, self.case.targets, **{**TINY_FIELDS, **overrides})
 
     def add(self, name: str = "default", seed: int | None = None, **kwargs: Any) -> None:
         """Add adapter `name` (skipping the test when the method cannot adapt a targeted layer type);

@@ -26,7 +26,9 @@ def _positive(name: str, value: Any, optional: bool = False) -> None:
 @dataclass(frozen=True)
 class TrainArgs:
     """Hyper-parameters of `train`. `max_steps` (optimizer steps) overrides `epochs`; `batch_size` is for whoever
-    builds the batches; `max_grad_norm=None` turns clipping off; `keep_checkpoints=None` keeps all."""
+    builds the batches; `max_grad_norm=None` turns clipping off; `keep_checkpoints=None` keeps all.
+    `calibration_batches`: how many training batches methods that initialize from data (gradients,
+    activation statistics) see before training; unused by other methods."""
 
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -45,13 +47,14 @@ class TrainArgs:
     log_every: int = 1
     output_dir: str = "runs/default"
     keep_checkpoints: int | None = 2
+    calibration_batches: int = 8
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("lr", f"must be a finite number > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "calibration_batches"):
             _positive(name, getattr(self, name))
         for name in ("max_steps", "eval_every", "save_every", "keep_checkpoints"):
             _positive(name, getattr(self, name), optional=True)

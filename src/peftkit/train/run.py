@@ -10,11 +10,13 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import read_adapter
 from ..compat import PeftModel
+from ..core.calibrate import Calibration
 from ..errors import DataError
 from .data import Batcher, PromptTemplate, detect_format, read_csv, read_jsonl, rotten_tomatoes, split
 from .evaluate import eval_loss, label_word_accuracy, seq_cls_accuracy
@@ -96,15 +98,16 @@ def run_training(recipe: Recipe, resume: str | None = None) -> TrainResult:
     config = recipe.adapter
     if config.task_type is None:  # recorded in adapter_config.json, as peft's task wrappers do
         config = config.replace(task_type="SEQ_CLS" if recipe.task == "seq_cls" else "CAUSAL_LM")
-    peft_model.add_adapter("default", config)
+    batcher = Batcher(train_set, tokenizer, max_length=recipe.data.max_length, batch_size=recipe.train.batch_size,
+                      task=recipe.task, template=_template(recipe.data), seed=recipe.train.seed)
+    calibration = Calibration(islice(batcher.batches_for_epoch(0), recipe.train.calibration_batches))
+    peft_model.add_adapter("default", config, calibration=calibration)  # read only by data-driven inits
     evaluate = make_eval(recipe, tokenizer, eval_set)
     print(f"model {recipe.model}: {len(train_set)} train / {len(eval_set)} held-out examples; "
           f"{peft_model.param_report()}")
     with peft_model.disabled():
         before = evaluate(peft_model)
     print(f"before training: {before}")
-    batcher = Batcher(train_set, tokenizer, max_length=recipe.data.max_length, batch_size=recipe.train.batch_size,
-                      task=recipe.task, template=_template(recipe.data), seed=recipe.train.seed)
     result = train(peft_model, batcher.batches_for_epoch, recipe.train, eval_fn=evaluate, resume_from=resume)
     out = Path(recipe.train.output_dir)
     results = {"before": before, "after": result.eval, "steps": result.steps,
