@@ -40,3 +40,24 @@ def test_train_step_quick(tmp_path):
     first = {r["first_loss"] for r in report["cases"].values()}
     assert max(first) - min(first) < 1e-4
     assert set(report["peftkit_over_peft"]) == {"lora", "dora"}
+
+
+@pytest.mark.slow
+def test_methods_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "methods.json"
+    script = ROOT / "benchmarks" / "methods.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--only", "lora", "dora", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    cases = [r["case"] for r in report["rows"]]
+    assert cases == ["floor:", "peftkit:dora", "peft:dora", "peftkit:lora", "peft:lora", "floor:"]
+    rows = {r["case"]: r for r in report["rows"]}
+    assert all("error" not in r and 0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in report["rows"])
+    for method in ("lora", "dora"):  # same model, data, config and seed: same parameter count and first loss
+        ours, theirs = rows[f"peftkit:{method}"], rows[f"peft:{method}"]
+        assert ours["trainable_params"] == theirs["trainable_params"] > 0
+        assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-4
+    assert out.with_suffix(".md").read_text().count("| peft |") == 2
