@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import peftkit
-from peftkit import AdapterConfig, AdapterModel, Calibration, ConfigError, UnsupportedLayerError
+from peftkit import AdapterConfig, AdapterModel, Calibration, UnsupportedLayerError
 from peftkit.core.host import AdaptedLayer
 
 SEED = 0
@@ -31,32 +31,17 @@ TINY_FIELDS = {"r": 4, "vector_length": 8, "num_vectors": 16}
 
 
 # --- configs ------------------------------------------------------------------------------------------------
-def _build(cls: type[AdapterConfig], target_modules: Any, kwargs: dict[str, Any]) -> AdapterConfig | None:
-    try:
-        return cls(target_modules=target_modules, **kwargs)
-    except ConfigError:
-        return None
-
-
 def make_config(method_name: str, target_modules: Any, **overrides: Any) -> AdapterConfig:
     """A config of `method_name` with defaults, `target_modules` and those `overrides` the config has.
 
-    A config class may build several methods (one boolean field selects another method); when the defaults
-    select a different method, every boolean field that defaults to False is tried set to True.
-    Overrides naming a field the config does not have are dropped (e.g. `r=4` for a rank-free method).
+    The registry's `config_defaults` select the method when one config class serves several (e.g. a flag or an
+    init name). Overrides naming a field the config does not have are dropped (e.g. `r=4` for a rank-free method).
     """
-    cls = peftkit.get_method(method_name).config_cls
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in overrides.items() if k in fields}
-    config = cls(target_modules=target_modules, **kwargs)
-    if config.method == method_name:
-        return config
-    for name, f in fields.items():
-        if f.default is False and name not in kwargs:
-            candidate = _build(cls, target_modules, {**kwargs, name: True})
-            if candidate is not None and candidate.method == method_name:
-                return candidate
-    raise LookupError(f"no boolean field of {cls.__name__} selects method {method_name!r}")
+    spec = peftkit.get_method(method_name)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    config = spec.make_config(target_modules=target_modules, **{k: v for k, v in overrides.items() if k in fields})
+    assert config.method == method_name, f"config_defaults of {method_name!r} select {config.method!r}"
+    return config
 
 
 # --- tiny models ----------------------------------------------------------------------------------------------

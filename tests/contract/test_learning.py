@@ -16,8 +16,8 @@ import torch
 
 from peftkit import AdapterModel, Calibration, UnsupportedLayerError
 from peftkit.train import TrainArgs, train
-
 from train.loop_helpers import TARGETS, batches_fn, tiny_base  # tests/ is on sys.path (rootdir import)
+
 from .conftest import TINY_FIELDS, make_config
 
 STEPS = 40
