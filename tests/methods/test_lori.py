@@ -201,3 +201,22 @@ def test_sparsify_bad_arguments():
         sparsify(model, sparsity=1.5)
     assert e.value.field == "lori_sparsity"
     assert LoriConfig().method == "lori" and LoriConfig.peft_type == "LORI"
+
+
+def test_two_tasks_concatenate_exactly():
+    from peftkit.methods.combine import add_weighted_adapter
+
+    x = torch.randn(3, 16)
+    model = AdapterModel(_base())
+    for name, seed in (("t1", 1), ("t2", 2)):
+        model.add_adapter(name, LoriConfig(target_modules=TARGETS, r=4, lora_alpha=8, lori_seed=seed),
+                          trainable=True)
+    perturb(model.named_parameters(), seed=5)
+    sparsify(model, "t1", sparsity=0.5)
+    sparsify(model, "t2", sparsity=0.5)
+    perturb(model.named_parameters(), seed=6)
+    model.set_active("t1", "t2")
+    want = logits(model, x)
+    add_weighted_adapter(model, ["t1", "t2"], [1.0, 1.0], "merged", combination_type="cat")
+    model.set_active("merged")
+    assert close(logits(model, x), want)
