@@ -1,7 +1,8 @@
 """Servable adapters: the canonical low-rank form `lowered()` computes exactly what the adapter adds.
 
 Per adapted layer, with the layer's recorded input x and base output z (eval mode, perturbed adapter):
-    adapter(x, z) == scale * up(down(x, A), B)   for LowRank(A, B, scale) = adapter.lowered()
+    adapter(x, z) == low.contribution(ops, x, z)   for low = adapter.lowered()
+i.e. d = scale * (up(down(x, A), B) + bias), plus the channel-scaled form out_scale * (z + d) - z (see LowRank).
 Serving batches adapters through this form, so a method that declares "servable" must pass.
 """
 
@@ -40,5 +41,7 @@ def test_lowered_form_equals_the_adapter(adapted: Env) -> None:
         with torch.no_grad():
             z = host.ops.without_bias(host.base_layer(x))
             expected = adapter(x, z)
-            got = low.scale * host.ops.up(host.ops.down(adapter.cast_input(x, low.a), low.a), low.b)
+            got = low.contribution(host.ops, x, z)
         close(got.to(expected.dtype), expected)
+        if low.out_scale is not None:
+            assert low.out_scale.shape == (host.ops.out_features,), f"{path}: out_scale must be (out,)"

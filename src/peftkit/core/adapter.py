@@ -38,13 +38,41 @@ class AdapterContext:
 
 
 class LowRank:
-    """Canonical servable form of an adapter's delta: y += scale * up(down(x, A), B), optionally channel-scaled.
+    """Canonical servable form of an adapter's contribution, low-rank factors plus optional per-channel scales.
 
-    A: (r, in...) in the layer's a_shape, B: (out, r...) in b_shape, scale: float.
+    With d = scale * (up(down(x, A), B) + bias) and z = W x the base output without bias:
+        contribution = d                          when out_scale is None (LoRA, rsLoRA, VeRA-like, LoRA-XS-like)
+        contribution = out_scale * (z + d) - z    otherwise (DoRA: out_scale = m / ||W + s B A||_row; IA3-like
+                                                  output scaling: rank 0 and out_scale = l)
+    A: (r, in...) in the layer's a_shape, B: (out, r...) in b_shape (r may be 0), scale: float,
+    bias: (out,) or None, out_scale: (out,) or None (both fixed tensors, detached).
+    `plain` (no channel scale, no bias) is the form that linear/cat combination and vLLM export accept.
     """
 
-    def __init__(self, a: Tensor, b: Tensor, scale: float) -> None:
+    def __init__(self, a: Tensor, b: Tensor, scale: float, *, out_scale: Tensor | None = None,
+                 bias: Tensor | None = None) -> None:
         self.a, self.b, self.scale = a, b, scale
+        self.out_scale, self.bias = out_scale, bias
+
+    @property
+    def plain(self) -> bool:
+        return self.out_scale is None and self.bias is None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def contribution(self, ops: LayerOps, x: Tensor, z: Tensor | None) -> Tensor:
+        """The reference computation of what this form adds to the base output (z needed with out_scale)."""
+        d = self.scale * ops.up(ops.down(ops.input_for(x, self.a.dtype), self.a), self.b)  # (..., out)
+        if self.bias is not None:
+            d = d + self.scale * ops.channel(self.bias)
+        if self.out_scale is None:
+            return d
+        if z is None:
+            raise ValueError("LowRank.contribution: a channel-scaled form needs the base output z")
+        zs = z.to(d.dtype)
+        return ops.channel(self.out_scale).to(d.dtype) * (zs + d) - zs
 
 
 class Adapter(nn.Module, metaclass=ABCMeta):
@@ -143,6 +171,14 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def on_step(self, step: int) -> Iterable[nn.Parameter] | None:
         """Called after each optimizer step (rank schedules, mask updates, periodic merges). Returns the
         parameters whose optimizer state must be reset (they were re-initialized), or None."""
+        return None
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after backward and clipping, before optimizer step `step` (gradient masks)."""
+
+    def layer_fields(self) -> dict[str, Any] | None:
+        """Config fields this layer now differs in (e.g. {"r": 5} after rank pruning or growth); save_adapter
+        records them through `AdapterConfig.with_layer_fields` so loading allocates the current shapes."""
         return None
 
     @classmethod

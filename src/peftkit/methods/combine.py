@@ -80,7 +80,7 @@ def _concat(host: AdaptedLayer, parts: list[tuple[str, float]], where: str) -> F
     for name, weight in parts:
         adapter = host.adapters[name]
         low = adapter.lowered()
-        if low is None:
+        if low is None or not low.plain:  # channel-scaled forms (DoRA) do not add up linearly
             raise ConfigError("combination_type", f"{where}: adapter {name!r} has no plain low-rank form, "
                                                   "so linear/cat cannot be exact; use 'svd' or 'ties'")
         a_list.append(low.a.detach().float())

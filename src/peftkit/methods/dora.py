@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.adapter import AdapterContext
+from ..core.adapter import AdapterContext, LowRank
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter
 from .lora import LoraAdapter, LoraConfig
@@ -55,7 +55,7 @@ class DoraAdapter(LoraAdapter):
     Merge: W' = diag(m/n) (W + s B A) (row_scale); the host keeps m/n for an exact unmerge.
     """
 
-    capabilities = frozenset({"mergeable", "identity_at_init"})  # not a plain low-rank form: lowered() is None
+    capabilities = frozenset({"mergeable", "servable", "identity_at_init"})  # lowered(): channel-scaled form
     needs_base_output = True
 
     def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True,
@@ -133,8 +133,10 @@ class DoraAdapter(LoraAdapter):
         v = w2d + self.delta_weight()  # (out, in_flat)
         return self.lora_magnitude_vector.detach().float().reshape(-1) / torch.linalg.vector_norm(v, dim=1)
 
-    def lowered(self) -> None:
-        return None
+    def lowered(self) -> LowRank:
+        """out_scale = m / ||W + s B A||_row: the contribution is out_scale * (z + s B A x) - z."""
+        ratio = self.ratio().detach().reshape(-1)  # (out,)
+        return LowRank(self.lora_A.detach(), self.lora_B.detach(), self.scaling, out_scale=ratio)
 
     def disk_names(self) -> dict[str, str]:
         return super().disk_names() | {"lora_magnitude_vector": "lora_magnitude_vector"}
