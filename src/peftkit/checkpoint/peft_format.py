@@ -88,7 +88,7 @@ def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     """Write adapter `name` to `directory` in the PEFT format. original_base=True converts adapters whose init
     changed the base weight (PiSSA, OLoRA, ...) into plain adapters for the untouched base."""
     model._check_names([name])
-    config = model.configs[name]
+    config = _current_config(model, name)
     tensors = adapter_state(model, name, original_base)
     if original_base:
         config = config.for_original_base()
@@ -99,6 +99,15 @@ def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     text = json.dumps(config_to_json(config, base_model_name_or_path), indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, text.encode())
     return directory
+
+
+def _current_config(model: AdapterModel, name: str) -> AdapterConfig:
+    """The adapter's config with the per-layer values its layers changed during training (pruned or grown
+    ranks), so that loading allocates the saved shapes."""
+    per_layer = {path: fields for path, host in model.hosts() if isinstance(host, AdaptedLayer)
+                 and name in host.adapters and (fields := host.adapters[name].layer_fields())}
+    config = model.configs[name]
+    return config.with_layer_fields(per_layer) if per_layer else config
 
 
 # --- reading ------------------------------------------------------------------------------------------------

@@ -81,6 +81,13 @@ class AdapterConfig:
         """The config of this adapter re-expressed against the base weights before a base-mutating init."""
         return self
 
+    def with_layer_fields(self, per_layer: dict[str, dict[str, Any]]) -> AdapterConfig:
+        """This config with per-layer values {module path: {field: value}} recorded (e.g. ranks after pruning),
+        so that `for_module(path)` returns them. Configs without per-layer fields refuse."""
+        fields = sorted({k for v in per_layer.values() for k in v})
+        raise ConfigError(fields[0] if fields else "config",
+                          f"{type(self).__name__} cannot record per-layer values of {fields}")
+
     def replace(self, **changes: Any) -> AdapterConfig:
         return dataclasses.replace(self, **changes)
 

@@ -227,13 +227,21 @@ class AdapterModel(nn.Module):
                 out[key] = out[key] + value if key in out else value
         return out
 
-    def step_hook(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """After optimizer step `step`: every trained adapter's `on_step`; the optimizer state of parameters an
-        adapter re-initialized is dropped."""
+    def pre_step_hook(self, step: int) -> None:
+        """After backward, before optimizer step `step`: every trained adapter's `before_optimizer_step` (gradient
+        masks, gradient sparsification)."""
+        for _, _, adapter in self._trained_adapters():
+            adapter.before_optimizer_step(step)
+
+    def step_hook(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """After optimizer step `step` (gradients still present): every trained adapter's `on_step`. The optimizer
+        state of parameters an adapter re-initialized is dropped; parameters an adapter added (rank growth) join
+        the optimizer and removed ones leave it. Returns True when the set of trainable parameters changed."""
         for _, _, adapter in self._trained_adapters():
             for p in adapter.on_step(step) or ():
                 if optimizer is not None:
                     optimizer.state.pop(p, None)
+        return optimizer is not None and _sync_optimizer(optimizer, [p for p in self.parameters() if p.requires_grad])
 
     def output_losses_declared(self, name: str) -> bool:
         """Whether adapter `name`'s method defines regularizers on the model output."""
@@ -274,3 +282,20 @@ class AdapterModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _sync_optimizer(optimizer: torch.optim.Optimizer, live: list[nn.Parameter]) -> bool:
+    """Make the optimizer hold exactly `live`: drop parameters (and their state) that no longer train, add new
+    ones to the first param group. Returns True when anything changed."""
+    live_ids = {id(p) for p in live}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    held_ids = {id(p) for p in held}
+    if held_ids == live_ids:
+        return False
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) in live_ids]
+    for p in held:
+        if id(p) not in live_ids:
+            optimizer.state.pop(p, None)
+    optimizer.param_groups[0]["params"].extend(p for p in live if id(p) not in held_ids)
+    return True

@@ -3,9 +3,10 @@ bf16 autocast, gradient checkpointing, periodic eval, exact resume from checkpoi
 
 Per optimizer step over a group of `grad_accum` micro-batches b_1..b_k (k < grad_accum only at an epoch's end):
     L_i = model(**b_i).loss + sum(model.extra_losses().values()) + sum(model.output_losses(logits).values())
-    grad = sum_i grad(L_i / k);  clip;  AdamW step;  scheduler step;  model.step_hook(step)
+    grad = sum_i grad(L_i / k);  clip;  model.pre_step_hook(step);  AdamW step;  scheduler step;
+    model.step_hook(step, optimizer) (gradients still present);  zero_grad
 Methods reach the loop only through `extra_losses()`, `output_losses()` (with the base model's logits as the
-reference) and `step_hook()`; the loop never names a method.
+reference), `pre_step_hook()` and `step_hook()`; the loop never names a method.
 """
 
 from __future__ import annotations
@@ -199,11 +200,13 @@ def _optimizer_step(run: _Run, group: list[Batch]) -> None:
         tokens += _tokens(batch)
     if run.args.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for _, p in run.params], run.args.max_grad_norm)
+    run.model.pre_step_hook(run.step + 1)
     run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    run.model.step_hook(run.step, run.optimizer)
+    if run.model.step_hook(run.step, run.optimizer):  # gradients are still there for importance scores
+        run.params = _trainable(run.model)  # an adapter grew or dropped parameters
+    run.optimizer.zero_grad(set_to_none=True)
     run.last_loss = loss_sum
     run.window.add(loss_sum, tokens)
 
