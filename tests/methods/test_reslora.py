@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import peftkit
 from peftkit import AdapterModel, ConfigError, LoraConfig, MergeError, PeftkitError
@@ -149,6 +150,28 @@ def test_identity_at_init_with_default_init():
         model.add_adapter("default", ResLoraConfig(target_modules=["proj"], r=R, reslora_mode=mode))
         with torch.no_grad():
             assert torch.equal(model(batch()), base(batch()))
+
+
+class CheckpointedStack(Stack):
+    """Stack with non-reentrant activation checkpointing per block (as transformers' gradient checkpointing)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = checkpoint(lambda t, blk=block: torch.tanh(blk.proj(t)), x, use_reentrant=False)
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_reentrant_checkpointing_keeps_values_and_gradients(mode):
+    plain, ckpt = wrap(build(), mode, p=2), wrap(build(CheckpointedStack), mode, p=2)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        x = batch().requires_grad_()
+        params = [t for a in adapters(model) for t in (a.lora_A, a.lora_B)]
+        grads.append(torch.autograd.grad(model(x).square().sum(), [*params, x]))
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------- chaining
