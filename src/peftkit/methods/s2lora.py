@@ -34,7 +34,7 @@ class S2LoraConfig(AdapterConfig):
     method_name: ClassVar[str] = "s2lora"
 
     r: int = 8
-    lora_alpha: float = 8
+    lora_alpha: float = 16
     s2_l1: float = 1e-3
 
     def validate(self) -> None:
