@@ -15,9 +15,14 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 
-__all__ = ["init_factors", "parse_init", "INIT_NAMES"]
+__all__ = ["init_factors", "parse_init", "check_lora_ga_config", "INIT_NAMES", "LORA_GA_OPTIONS"]
 
-INIT_NAMES = ("True", "False", "gaussian", "pissa", "pissa_niter_<k>", "olora", "nlora")
+INIT_NAMES = ("True", "False", "gaussian", "pissa", "pissa_niter_<k>", "olora", "nlora", "lora_ga")
+# Inits computed from calibration data by their own adapter class (see methods/lora_ga.py), not from W alone.
+DATA_INITS = ("lora_ga",)
+# peft's LoraGAConfig fields and their allowed values (stable_gamma: a number > 0).
+LORA_GA_OPTIONS = {"direction": ("ArB2r", "ArBr", "A2rBr", "random"),
+                   "scale": ("stable", "unit", "gd_scale", "weight_svd")}
 # peft inits peftkit does not compute; adapters trained with them are plain LoRA on disk and load fine.
 LOAD_ONLY_INITS = ("eva", "corda", "loftq", "orthogonal", "mica")
 
@@ -89,7 +94,7 @@ def parse_init(value: bool | str) -> tuple[str, int | None]:
     """Validate `init_lora_weights` and return (kind, niter)."""
     if value is True or value is False:
         return str(value), None
-    if value in ("gaussian", "pissa", "olora", "nlora", *LOAD_ONLY_INITS):
+    if value in ("gaussian", "pissa", "olora", "nlora", *DATA_INITS, *LOAD_ONLY_INITS):
         return value, None
     m = re.fullmatch(r"pissa_niter_(\d+)", str(value))
     if m:
@@ -97,9 +102,29 @@ def parse_init(value: bool | str) -> tuple[str, int | None]:
     raise ConfigError("init_lora_weights", f"unknown init {value!r}; choose one of {INIT_NAMES}")
 
 
+def check_lora_ga_config(value: dict | None) -> None:
+    """Validate `lora_ga_config`: None (defaults) or a dict of peft's LoraGAConfig fields."""
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ConfigError("lora_ga_config", f"must be a dict or None, got {type(value).__name__}")
+    unknown = sorted(set(value) - {*LORA_GA_OPTIONS, "stable_gamma"})
+    if unknown:
+        raise ConfigError("lora_ga_config", f"unknown keys {unknown}; valid: direction, scale, stable_gamma")
+    for key, allowed in LORA_GA_OPTIONS.items():
+        if key in value and value[key] not in allowed:
+            raise ConfigError("lora_ga_config", f"{key}={value[key]!r} is not one of {allowed}")
+    gamma = value.get("stable_gamma", 16)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+        raise ConfigError("lora_ga_config", f"stable_gamma must be a finite number > 0, got {gamma!r}")
+
+
 def init_factors(value: bool | str, w: Tensor, r: int, s: float, embedding: bool = False) -> Factors:
     """Dispatch on `init_lora_weights`. SVD/QR-based inits need r <= min(out, in)."""
     kind, niter = parse_init(value)
+    if kind in DATA_INITS:
+        raise ConfigError("init_lora_weights", f"init {value!r} is computed from calibration data by its own method; "
+                                               "build the adapter through AdapterModel.add_adapter(calibration=...)")
     if kind in LOAD_ONLY_INITS:
         raise ConfigError("init_lora_weights", f"init {value!r} can be loaded from disk but peftkit does not compute "
                                                f"it; to train a new adapter choose one of {INIT_NAMES}")

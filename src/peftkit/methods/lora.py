@@ -15,7 +15,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
-from .inits import init_factors, parse_init
+from .inits import check_lora_ga_config, init_factors, parse_init
 
 __all__ = ["LoraConfig", "LoraAdapter"]
 
@@ -37,8 +37,10 @@ class LoraConfig(AdapterConfig):
 
     r: rank (>= 1). lora_alpha: scale numerator; s = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
     lora_dropout: dropout on the adapter input. init_lora_weights: True (A kaiming, B zero), False, "gaussian",
-    "pissa", "pissa_niter_<k>", "olora", "nlora". rank_pattern / alpha_pattern: per-module r / alpha by
-    regex suffix. lora_bias: B gets a trainable bias. use_dora: weight-decomposed LoRA (method "dora").
+    "pissa", "pissa_niter_<k>", "olora", "nlora", "lora_ga" (method "lora_ga": factors from calibration gradients,
+    tuned by lora_ga_config = {"direction", "scale", "stable_gamma"}, peft's LoraGAConfig fields).
+    rank_pattern / alpha_pattern: per-module r / alpha by regex suffix. lora_bias: B gets a trainable bias.
+    use_dora: weight-decomposed LoRA (method "dora").
     fan_in_fan_out: accepted for compatibility; Conv1D layers are detected by type.
     """
 
@@ -55,6 +57,7 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     lora_bias: bool = False
     fan_in_fan_out: bool = False
+    lora_ga_config: dict | None = None
 
     def validate(self) -> None:
         _check_rank("r", self.r)
@@ -66,11 +69,16 @@ class LoraConfig(AdapterConfig):
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         parse_init(self.init_lora_weights)
+        check_lora_ga_config(self.lora_ga_config)
+        if self.use_dora and self.init_lora_weights == "lora_ga":
+            raise ConfigError("init_lora_weights", "'lora_ga' cannot be combined with use_dora=True; drop one")
         if self.use_dora and self.lora_bias:
             raise ConfigError("lora_bias", "cannot be combined with use_dora=True; set one of them to False")
 
     @property
     def method(self) -> str:
+        if self.init_lora_weights == "lora_ga":
+            return "lora_ga"
         return "dora" if self.use_dora else "lora"
 
     def for_module(self, name: str) -> LoraConfig:
@@ -85,7 +93,8 @@ class LoraConfig(AdapterConfig):
         rank = {k: 2 * v for k, v in self.rank_pattern.items()}
         keys = set(self.rank_pattern) | set(self.alpha_pattern)
         alphas = {k: self.alpha_pattern.get(k, self.lora_alpha) * grow for k in keys}
-        return self.replace(r=r, lora_alpha=alpha, rank_pattern=rank, alpha_pattern=alphas, init_lora_weights=True)
+        return self.replace(r=r, lora_alpha=alpha, rank_pattern=rank, alpha_pattern=alphas, init_lora_weights=True,
+                            lora_ga_config=None)
 
     @property
     def scaling(self) -> float:
