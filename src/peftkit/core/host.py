@@ -7,7 +7,7 @@ copies). Methods only implement one adapter's math.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +22,15 @@ BASE = "__base__"  # routing name for rows that use no adapter
 
 
 class Routing:
-    """Per-batch routing shared by all hosts of one model: `rows[i]` is the adapter name for batch row i."""
+    """Per-batch routing shared by all hosts of one model: `rows[i]` is the adapter name for batch row i.
+
+    executor: when set (by `serve/`), routed layers call executor(layer, x, y) -> y instead of the reference
+    per-adapter loop, so a serving model computes the adapters of a whole batch with its batched op.
+    """
 
     def __init__(self) -> None:
         self.rows: tuple[str, ...] | None = None
+        self.executor: Callable[[AdaptedLayer, Tensor, Tensor], Tensor] | None = None
 
     def groups(self, batch: int, device: torch.device) -> dict[str, Tensor]:
         """{adapter name: row indices} for the current batch."""
@@ -59,6 +64,7 @@ class AdaptedLayer(nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------------------------
     def add(self, name: str, adapter: Adapter) -> None:
+        adapter.train(self.training)  # a new adapter follows the model's train/eval mode
         if adapter.init_delta is not None:
             self._shift_base(-adapter.init_delta)  # W_res = W - init part (PiSSA-style inits)
         self.adapters[name] = adapter
@@ -101,7 +107,9 @@ class AdaptedLayer(nn.Module):
         return y
 
     def _routed(self, x: Tensor, y: Tensor) -> Tensor:
-        """Reference mixed-batch path: each adapter runs on the rows that asked for it."""
+        """Reference mixed-batch path: each adapter runs on the rows that asked for it (or the executor)."""
+        if self.routing.executor is not None:
+            return self.routing.executor(self, x, y)
         if self.merged:
             raise MergeError("adapter_names= cannot be used while adapters are merged; call unmerge first")
         groups = self.routing.groups(x.shape[0], x.device)
