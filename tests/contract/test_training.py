@@ -41,7 +41,7 @@ def test_backward_reaches_only_adapter_params(env: Env) -> None:
 def test_sgd_step_changes_only_adapter_params(env: Env) -> None:
     env.add("default")
     adapters = {id(p) for p in adapter_params(env.model)}
-    adapter_keys = {n for n, p in env.model.named_parameters() if id(p) in adapters}
+    adapter_keys = {n for n, p in env.model.named_parameters(remove_duplicate=False) if id(p) in adapters}
     before = state(env.model)
     opt = torch.optim.SGD([p for p in env.model.parameters() if p.requires_grad], lr=0.1)
     _loss(env).backward()

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
-from peftkit import AdapterModel, ConfigError, CorruptCheckpointError, UnsupportedLayerError
-from peftkit.checkpoint import peft_format
+from peftkit import AdapterModel, ConfigError, UnsupportedLayerError
 from peftkit.methods.vblora import VBLoRAAdapter, VBLoRAConfig
 
 from ._helpers import hosts, logits, perturb, tiny_gpt2, tiny_llama, token_ids
@@ -225,24 +224,13 @@ def test_topk_only_checkpoint_written_by_peftkit_loads_in_peft(tmp_path):
     assert (got - want).abs().max() < TOL
 
 
-@pytest.mark.xfail(strict=True, raises=CorruptCheckpointError,
-                   reason="core gap: checkpoint.peft_format.read_adapter rejects the integer _topk_indices tensors")
-def test_topk_only_checkpoint_loads_through_the_core(tmp_path):
-    peft, base = _peft(), tiny_llama()
-    peft.get_peft_model(base, peft.VBLoRAConfig(**LLAMA, save_only_topk_weights=True)).save_pretrained(tmp_path)
-    peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
-
-
-def test_topk_only_checkpoint_reproduces_delta_once_indices_are_accepted(tmp_path, monkeypatch):
-    """The core change the xfail above asks for, simulated: integer index tensors reach the adapter."""
+def test_topk_only_checkpoint_written_by_peft_loads_and_reproduces_delta(tmp_path):
+    """peft's save_only_topk_weights file (integer index tensors) loads: same logits and delta weights."""
     peft, base, x = _peft(), tiny_llama(), token_ids()
     src = peft.get_peft_model(copy.deepcopy(base), peft.VBLoRAConfig(**LLAMA, save_only_topk_weights=True))
     perturb(src.named_parameters())
     want = logits(src, x)
     src.save_pretrained(tmp_path)
-    real = peft_format.load_file
-    monkeypatch.setattr(peft_format, "load_file",
-                        lambda p: {k: v if v.is_floating_point() else v.float() for k, v in real(p).items()})
     model = AdapterModel(copy.deepcopy(base))
     peftkit.load_adapter(model, tmp_path)
     assert (logits(model, x) - want).abs().max() < TOL

@@ -90,7 +90,7 @@ def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     model._check_names([name])
     config = _current_config(model, name)
     tensors = adapter_state(model, name, original_base)
-    if original_base:
+    if original_base and _converted(model, name):
         config = config.for_original_base()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,12 @@ def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     text = json.dumps(config_to_json(config, base_model_name_or_path), indent=2, sort_keys=True)
     _atomic_write(directory / CONFIG_NAME, text.encode())
     return directory
+
+
+def _converted(model: AdapterModel, name: str) -> bool:
+    """Whether any layer of adapter `name` has a different form against the original base (a base-mutating init)."""
+    return any(h.adapters[name].state_for_original_base() is not None for _, h in model.hosts()
+               if isinstance(h, AdaptedLayer) and name in h.adapters)
 
 
 def _current_config(model: AdapterModel, name: str) -> AdapterConfig:
@@ -133,9 +139,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict[str,
         raise CorruptCheckpointError(f"{weights_path}: not a readable safetensors file ({e}); it is corrupt or "
                                      "truncated, save the adapter again") from e
     for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise CorruptCheckpointError(f"{weights_path}: {key} has dtype {t.dtype}; adapters hold float tensors")
-        if not torch.isfinite(t).all():
+        if t.is_complex():
+            raise CorruptCheckpointError(f"{weights_path}: {key} has dtype {t.dtype}; adapters hold real tensors")
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteWeightError(f"{weights_path}: {key} contains NaN or Inf; the adapter is unusable")
     return config, tensors
 
@@ -200,12 +206,24 @@ def _validate(expected: dict[str, tuple[int, ...]], optional: dict[str, tuple[in
                                      f"{shape}; the adapter was trained on a different base model or rank")
 
 
+def _check_kinds(p: Plan, tensors: dict[str, Tensor], where: str) -> None:
+    """A float tensor where the adapter holds floats, an integer one where it holds indices."""
+    for path, adapter in p.adapters.items():
+        for pname, suffix in adapter.disk_names().items():
+            key, target = f"{PREFIX}{path}.{suffix}", getattr(adapter, pname)
+            if tensors[key].is_floating_point() != target.is_floating_point():
+                raise CorruptCheckpointError(f"{where}: {key} has dtype {tensors[key].dtype}, the adapter holds "
+                                             f"{target.dtype}; the file is corrupt or from another method")
+
+
 def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = "default",
                  trainable: bool = False, active: bool | None = None) -> AdapterConfig:
     """Load an adapter directory into `model` as `name`. Everything is checked before the model changes."""
     config, tensors = read_adapter(directory)
     p = model.plan_adapter(name, config, initialize=False)
-    _validate(_expected(model, p), _optional(model, p), tensors, str(Path(directory) / WEIGHTS_NAME))
+    where = str(Path(directory) / WEIGHTS_NAME)
+    _validate(_expected(model, p), _optional(model, p), tensors, where)
+    _check_kinds(p, tensors, where)
     with torch.no_grad():
         for path, adapter in p.adapters.items():
             for pname, suffix in adapter.disk_names().items():

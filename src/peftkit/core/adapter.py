@@ -101,6 +101,8 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     method_name: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     needs_base_output: ClassVar[bool] = False
+    lr_scale: ClassVar[dict[str, float]] = {}  # parameter attribute -> learning-rate multiplier in training
+    transforms_inputs: ClassVar[bool] = False  # transform_inputs rewrites the model's call (prompt tuning)
     delta_reads_base: ClassVar[bool] = False  # delta_weight() depends on the base weight: kept from merge time
     calibration: ClassVar[frozenset[str]] = frozenset()
     needs_reference_output: ClassVar[bool] = False
@@ -172,6 +174,11 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         """Called after each optimizer step (rank schedules, mask updates, periodic merges). Returns the
         parameters whose optimizer state must be reset (they were re-initialized), or None."""
         return None
+
+    def transform_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite the wrapped model's keyword arguments before it runs (only for classes that set
+        `transforms_inputs`), e.g. prepend soft-prompt embeddings and extend attention_mask and labels."""
+        return kwargs
 
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and clipping, before optimizer step `step` (gradient masks)."""

@@ -124,13 +124,13 @@ class Plan:
         for path, adapter in self.adapters.items():
             parent, child, module = _get(self.model, path)
             if not isinstance(module, AdaptedLayer):
-                module = AdaptedLayer(module, adapter.ops, self.routing)
+                module = AdaptedLayer(module, adapter.ops, self.routing).train(module.training)
                 setattr(parent, child, module)
             module.add(self.name, adapter)
         for path in self.saved_modules:
             parent, child, module = _get(self.model, path)
             if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module, self.routing)
+                module = ModulesToSave(module, self.routing).train(module.training)
                 setattr(parent, child, module)
             module.add(self.name)
 

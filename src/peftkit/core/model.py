@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import AdapterNameError, ConfigError, NonFiniteWeightError
+from ..errors import AdapterNameError, ConfigError, MergeError, NonFiniteWeightError
 from . import inject
 from .adapter import Adapter
 from .calibrate import Calibration, collect
@@ -44,6 +44,7 @@ class AdapterModel(nn.Module):
         self.trainable: tuple[str, ...] = ()
         self.routing = Routing()
         self._bias_originals: dict[str, torch.Tensor] = {}
+        self._input_transforms: list[tuple[str, AdaptedLayer]] = []  # active adapters rewriting the model's inputs
         model.requires_grad_(False)
 
     # --- structure ------------------------------------------------------------------------------------------
@@ -107,9 +108,11 @@ class AdapterModel(nn.Module):
         """Adapters whose outputs are added in forward (in this order)."""
         self._check_names(names)
         self.active = tuple(dict.fromkeys(names))
+        self._input_transforms = []
         for _, host in self.hosts():
             if isinstance(host, AdaptedLayer):
                 host.active = tuple(n for n in self.active if n in host.adapters)
+                self._input_transforms += [(n, host) for n in host.active if host.adapters[n].transforms_inputs]
             else:
                 host.active = next((n for n in self.active if n in host.copies), None)
 
@@ -219,6 +222,17 @@ class AdapterModel(nn.Module):
                     if name in host.adapters:
                         yield path, name, host.adapters[name]
 
+    def lr_multipliers(self) -> dict[int, float]:
+        """{id(parameter): learning-rate multiplier} for trained parameters whose method asks for one (`lr_scale`,
+        e.g. a vector bank and its logits at different rates); parameters not listed train at the base rate."""
+        out: dict[int, float] = {}
+        for _, _, adapter in self._trained_adapters():
+            for attr, multiplier in adapter.lr_scale.items():
+                param = getattr(adapter, attr, None)
+                if isinstance(param, nn.Parameter):
+                    out[id(param)] = multiplier
+        return out
+
     def extra_losses(self) -> dict[str, torch.Tensor]:
         """Every trainable adapter's named regularizers, summed per name across layers."""
         out: dict[str, torch.Tensor] = {}
@@ -281,6 +295,13 @@ class AdapterModel(nn.Module):
         return ParamReport(trainable, total)
 
     def forward(self, *args, **kwargs):
+        for name, host in self._input_transforms:
+            if host.disabled:
+                continue
+            if self.routing.rows is not None:
+                raise MergeError(f"adapter {name!r} rewrites the model inputs (soft prompts) and cannot be mixed "
+                                 "per row with adapter_names=; run its rows in a batch of their own")
+            kwargs = host.adapters[name].transform_inputs(kwargs)
         return self.model(*args, **kwargs)
 
 

@@ -105,10 +105,11 @@ class VBLoRAAdapter(Adapter):
 
     Bank (h, b) shared by every layer; logits Z_A (r, in/b, h), Z_B (out/b, r, h). Each sub-vector is
     sum_j softmax(topk(z))_j bank[idx_j]; row i of A concatenates its in/b sub-vectors, column j of B its out/b.
-    Not identity at init (random bank and logits). Merge: W' = W + B A, exact to rounding.
-    """
+    Not identity at init (random bank and logits). Merge: W' = W + B A, exact. The logits train at 10x the
+    learning rate (the paper's separate rates; spec §1.12)."""
 
     capabilities = frozenset({"mergeable", "servable"})
+    lr_scale = {"vblora_logits_A": 10.0, "vblora_logits_B": 10.0}
 
     def __init__(self, ops: LayerOps, config: VBLoRAConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:
@@ -126,14 +127,13 @@ class VBLoRAAdapter(Adapter):
         self.vblora_logits_B = self.new_param((ops.out_features // b, config.r, config.num_vectors), dtype, device)
         self.vblora_vector_bank = self._bank(config, ctx, dtype, device, initialize)  # (h, b), shared
         self.dropout = nn.Dropout(config.vblora_dropout) if config.vblora_dropout > 0 else nn.Identity()
-        self._staged: dict[str, Tensor] = {}  # top-k checkpoint tensors while loading, see after_load
-        self._topk_only = False
+        self._staged, self._topk_only = {}, False  # top-k checkpoint tensors while loading, see after_load
         if initialize:
             with torch.no_grad():
                 nn.init.normal_(self.vblora_logits_A, 0.0, config.init_logits_std)
                 nn.init.normal_(self.vblora_logits_B, 0.0, config.init_logits_std)
-        elif config.save_only_topk_weights:
-            self._staged = {key: torch.zeros(getattr(self, key).shape, device=device) for key in _TOPK_KEYS}
+        elif config.save_only_topk_weights:  # staging tensors of the file's dtypes, see after_load
+            self._staged = {key: torch.zeros_like(getattr(self, key)) for key in _TOPK_KEYS}
 
     @staticmethod
     def _bank(config: VBLoRAConfig, ctx: AdapterContext | None, dtype, device, initialize: bool) -> nn.Parameter:

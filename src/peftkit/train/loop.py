@@ -133,6 +133,15 @@ def _trainable(model: AdapterModel) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
+def _param_groups(model: AdapterModel, params: list[tuple[str, nn.Parameter]], lr: float) -> list[dict[str, Any]]:
+    """One AdamW group per learning-rate multiplier the methods ask for; the base-rate group comes first."""
+    multipliers = model.lr_multipliers()
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for _, p in params:
+        groups.setdefault(multipliers.get(id(p), 1.0), []).append(p)
+    return [{"params": ps, "lr": lr * m} for m, ps in groups.items() if ps]
+
+
 def _setup(model: AdapterModel, batches_fn: Callable[[int], list[Batch]], args: TrainArgs) -> _Run:
     if not isinstance(model, AdapterModel):
         raise ConfigError("model", f"expected a peftkit AdapterModel, got {type(model).__name__}")
@@ -146,7 +155,7 @@ def _setup(model: AdapterModel, batches_fn: Callable[[int], list[Batch]], args: 
     steps_per_epoch = math.ceil(len(first) / args.grad_accum)
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = math.ceil(args.warmup_ratio * total)
-    optimizer = torch.optim.AdamW([p for _, p in params], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, params, args.lr), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, args.schedule))
     return _Run(model, args, batches_fn, params, optimizer, scheduler, total, Path(args.output_dir),
