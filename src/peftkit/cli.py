@@ -1,4 +1,4 @@
-"""`peftkit` command line: train | eval | merge | export | inspect | methods.
+"""`peftkit` command line: train | eval | merge | export | inspect | methods | serve.
 
 Options after the subcommand's own flags are recipe overrides in dotted form, e.g.
 `peftkit train --config recipes/minilm.yaml --train.lr 3e-4 --adapter.r 16`; values are parsed as YAML scalars.
@@ -90,7 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--plot", help="spectrum plot path (default: <adapter>/spectrum.png)")
     methods = sub.add_parser("methods", help="list registered methods and their config fields")
     methods.add_argument("--fields", action="store_true", help="also list each method's config fields")
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve a base model and many adapters over an OpenAI-compatible HTTP API",
+                           description="Requests pick an adapter with the `model` field (the base model's name = "
+                           "no adapter). Needs the server extra: pip install 'peftkit[server]'.")
+    serve.add_argument("--base", help="base causal LM: a local Hugging Face directory or hub id "
+                       "(default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--adapters", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                       help="adapter directories (PEFT format) to serve from the start; a bare PATH is named "
+                       "after its directory")
+    serve.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                       help="directory that POST /v1/load_lora_adapter may load from (repeatable; none: runtime "
+                       "loading is refused)")
+    serve.add_argument("--served-model-name", help="the base model's name in requests (default: from --base)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32, help="most sequences in one step")
+    serve.add_argument("--max-adapters-per-step", type=int, default=8, help="most distinct adapters in one step")
+    serve.add_argument("--cache-bytes", type=int, default=1 << 30, help="host-memory budget for adapter weights")
+    serve.add_argument("--max-prompt-tokens", type=int, default=4096)
+    serve.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
+    serve.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
 
 
 class _LazyHelp(str):
@@ -148,6 +172,13 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve.launch import ServeOptions, run
+
+    run(ServeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)}))
+    return 0
+
+
 def _cmd_train(args, extra) -> int:
     from .train.recipe import load_recipe
     from .train.run import run_training
@@ -171,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    commands = {"methods": _cmd_methods, "inspect": _cmd_inspect, "export": _cmd_export, "merge": _cmd_merge}
+    commands = {"methods": _cmd_methods, "inspect": _cmd_inspect, "export": _cmd_export, "merge": _cmd_merge,
+                "serve": _cmd_serve}
     try:
         if args.command in commands:
             return commands[args.command](args)
