@@ -71,11 +71,12 @@ class AdapterCache:
             self.bytes -= self._entries.pop(name)[1]
         self._entries[name] = (value, nbytes)
         self.bytes += nbytes
-        self._evict()
+        self._evict(keep=name)
 
-    def _evict(self) -> None:
-        """Drop least recently used unpinned entries until within budget."""
-        for victim in [n for n in self._entries if not self._pins.get(n)]:
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop least recently used unpinned entries until within budget (never `keep`, the entry just loaded
+        for a caller about to use it)."""
+        for victim in [n for n in self._entries if not self._pins.get(n) and n != keep]:
             if self.bytes <= self.budget:
                 break
             self.bytes -= self._entries.pop(victim)[1]

@@ -154,8 +154,9 @@ class Engine:
             name = seq.req.adapter
             if name is None or name in active or len(active) < self.max_adapters:
                 try:
-                    if name is not None:
+                    if name is not None and name not in active:
                         self._lowered(name)  # load now (or a prefetch finished it): errors fail this request
+                        self._pin(name)
                 except Exception as e:  # noqa: BLE001 - a bad adapter file fails its requests only
                     events.append(self._finish(seq, None, f"error: {type(e).__name__}: {e}"))
                     self.counters["errors"] += 1
@@ -173,6 +174,11 @@ class Engine:
         with self._lock:
             queued = list(dict.fromkeys(s.req.adapter for s in self._waiting if s.req.adapter is not None))
         self.cache.prefetch(queued[:self.max_adapters])
+
+    def _pin(self, name: str) -> None:
+        if name not in self._pinned:
+            self.cache.pin([name])
+            self._pinned.add(name)
 
     def _update_pins(self, names: set[str]) -> None:
         self.cache.pin(names - self._pinned)
