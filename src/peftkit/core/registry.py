@@ -44,7 +44,7 @@ def register_adapter(name: str, config_cls: type[AdapterConfig], config_defaults
     def deco(cls: type[Adapter]) -> type[Adapter]:
         if name in _ADAPTERS:
             raise ValueError(f"method {name!r} is registered twice")
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
         _ADAPTERS[name] = MethodSpec(name, cls, config_cls, summary, dict(config_defaults or {}))
         cls.method_name = name
         return cls
