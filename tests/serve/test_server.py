@@ -448,3 +448,41 @@ def test_cli_rejects_bad_adapter_specs(world, tmp_path, capsys):
         parse_adapter_specs([f"a={world.paths['alpha']}", f"a={world.paths['beta']}"])
     assert main(["serve", "--base", str(tmp_path), "--adapters", f"x={tmp_path / 'missing'}"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_adapter_broken_after_registration_fails_only_its_requests(world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(world.paths["gamma"], broken)
+    with TestClient(world.app(names=("alpha",), roots=[tmp_path])) as client:
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": "broken"}).is_success
+        tensors = load_file(broken / "adapter_model.safetensors")  # same header, non-finite data: found on first use
+        save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()},
+                  broken / "adapter_model.safetensors")
+        r = client.post("/v1/completions", json={"model": "broken", "prompt": PROMPT, "max_tokens": 3})
+        assert "adapter_model.safetensors" in error_of(r, 500)
+        request = {"model": "broken", "prompt": PROMPT, "max_tokens": 3, "stream": True}
+        with client.stream("POST", "/v1/completions", json=request) as s:
+            events = sse_events(s.iter_lines())
+        assert events[-1] == "[DONE]" and events[0]["error"]["code"] == 500
+        r = client.post("/v1/completions", json={"model": "alpha", "prompt": PROMPT, "max_tokens": 4})
+        assert r.json()["choices"][0]["text"] == world.text("alpha", world.ids(PROMPT), 4)
+        assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_server_load_benchmark_quick(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "serving_server.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "serving_server.py"), "--quick", "--out",
+                           str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    for phase in ("base", "mixed"):
+        assert report[phase]["requests"] == report["settings"]["requests"]
+        assert report[phase]["ok"] == report[phase]["requests"]  # every response came from its own adapter
+    assert report["distinct_outputs"] > 0.5 and report["mixed_over_base"] > 0

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import PeftkitError
 from . import protocol as wire
 from .engine_thread import EngineThread
 from .jobs import Job, start_job
@@ -250,7 +251,7 @@ async def load_adapter(request: Request) -> dict[str, Any]:
     path = resolve_adapter_dir(data.get("lora_path"), state.roots)
     try:
         await state.runner.run(state.engine.store.register, name, str(path))
-    except (ValueError, KeyError, OSError) as e:  # peftkit's checkpoint errors are ValueErrors naming the file
+    except (PeftkitError, ValueError, KeyError, OSError) as e:  # checkpoint errors name the file
         raise RequestError(400, f"lora_path: cannot load adapter {name!r}: {e}", "lora_path") from None
     state.adapters[name] = str(path)
     state.counters["adapter_loads_total"] += 1
@@ -292,7 +293,7 @@ async def metrics(request: Request) -> Response:
     values.update({f"engine_{k}": v for k, v in _flatten(stats).items()})
     if request.query_params.get("format") == "json":
         return JSONResponse(values)
-    lines = [f"peftkit_{key} {float(value):g}" for key, value in values.items()]
+    lines = [f"peftkit_{key} {float(value):g}" for key, value in sorted(values.items())]  # families grouped
     return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
 
