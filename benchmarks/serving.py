@@ -17,7 +17,9 @@ Sections (each returns a dict into the JSON and prints a table):
                 generate its requests, unmerge).
   registration  registering 10 / 100 / 1000 adapter directories: peftkit's lazy AdapterStore vs peft's
                 `load_adapter` (peft capped at 100 in full runs, 10 with --quick).
-  (server)      helper functions added by the server load test register themselves in SECTIONS.
+  server        `peftkit serve` in a subprocess on loopback, concurrent clients bounded in count and time, every
+                response checked against its adapter's greedy output; peft one request at a time side by side
+                (details: benchmarks/serving_server.py, which also runs alone).
 
 Targets (issue 6): e2e >= 0.8x base at 32 distinct adapters; op <= 1.3x base at <= 8 adapters, <= 2x at 256;
 1000 adapters registered in < 5 s. Medians with min and max over repeats.
@@ -273,6 +275,26 @@ def registration_table(res: dict) -> str:
 
 SECTIONS = {"op": (op_section, op_table), "e2e": (e2e_section, e2e_table),
             "registration": (registration_section, registration_table)}
+
+
+# --- server (added by the HTTP server's load test; the work lives in serving_server.py) --------------------------
+def server_section(sizes: dict, repeats: int) -> dict:
+    """`peftkit serve` on loopback: concurrent clients, every response checked against its own adapter."""
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    import serving_server
+
+    return serving_server.run_server_load_test(quick=sizes is QUICK, threads=1)
+
+
+def server_table(res: dict) -> str:
+    import serving_server
+
+    return serving_server.format_report(res)
+
+
+SECTIONS["server"] = (server_section, server_table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -341,21 +341,22 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def print_report(r: dict) -> None:
+def format_report(r: dict) -> str:
     s = r["settings"]
-    print(f"server load test{' (QUICK)' if r['quick'] else ''}: {s['adapters']} adapters ({s['runtime']} loaded "
-          f"at runtime), {s['clients']} concurrent clients, {s['max_tokens']} tokens/request, {r['threads']} "
-          f"thread(s); startup {r['startup_s']:.1f} s; distinct outputs per prompt {r['distinct_outputs']:.0%}")
+    lines = [f"server load test{' (QUICK)' if r['quick'] else ''}: {s['adapters']} adapters ({s['runtime']} loaded "
+             f"at runtime), {s['clients']} concurrent clients, {s['max_tokens']} tokens/request, {r['threads']} "
+             f"thread(s); startup {r['startup_s']:.1f} s; distinct outputs per prompt {r['distinct_outputs']:.0%}"]
     cols = ["requests", "seconds", "tokens_per_s", "requests_per_s", "latency_p50_s", "latency_p90_s",
             "ttft_p50_s", "ok", "wrong_adapter", "mismatch", "errors"]
-    print("phase  " + " ".join(f"{c:>14s}" for c in cols))
+    lines.append("phase  " + " ".join(f"{c:>14s}" for c in cols))
     for phase in ("base", "mixed"):
-        print(f"{phase:6s} " + " ".join(f"{_fmt(r[phase][c]):>14s}" for c in cols))
+        lines.append(f"{phase:6s} " + " ".join(f"{_fmt(r[phase][c]):>14s}" for c in cols))
     peft = r["peft_sequential"].get("tokens_per_s")
-    print(f"one request at a time: peftkit {r['sequential_peftkit_tokens_per_s']:.1f} tok/s, peft "
-          f"{_fmt(peft)} tok/s; server mixed/base {r['mixed_over_base']:.2f}x, mixed/peftkit-sequential "
-          f"{r['mixed_over_sequential_peftkit']:.2f}x, "
-          f"mixed/peft-sequential {_fmt(r.get('mixed_over_peft_sequential'))}x")
+    lines.append(f"one request at a time: peftkit {r['sequential_peftkit_tokens_per_s']:.1f} tok/s, peft "
+                 f"{_fmt(peft)} tok/s; server mixed/base {r['mixed_over_base']:.2f}x, mixed/peftkit-sequential "
+                 f"{r['mixed_over_sequential_peftkit']:.2f}x, "
+                 f"mixed/peft-sequential {_fmt(r.get('mixed_over_peft_sequential'))}x")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report["env"] = {"python": platform.python_version(), "torch": torch.__version__, "peftkit": peftkit.__version__,
                      "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()}
-    print_report(report)
+    print(format_report(report))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
