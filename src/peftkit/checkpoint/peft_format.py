@@ -35,7 +35,8 @@ PREFIX = "base_model.model."
 # --- writing ------------------------------------------------------------------------------------------------
 def _adapter_tensors(adapter, original_base: bool) -> dict[str, Tensor]:
     converted = (adapter.state_for_original_base() if original_base else None) or {}
-    return {suffix: converted.get(name, getattr(adapter, name)) for name, suffix in adapter.disk_names().items()}
+    out = {suffix: converted.get(name, getattr(adapter, name)) for name, suffix in adapter.disk_names().items()}
+    return out if converted else out | adapter.optional_state()
 
 
 def _shared_keys(adapters) -> dict[str, tuple[object, str]]:
@@ -176,6 +177,8 @@ def _optional(model: AdapterModel, p: Plan) -> dict[str, tuple[int, ...]]:
     """Keys accepted when present: base weights (loaded), and the biases of a module copy and its original that
     peft writes with bias="all" as `<path>.modules_to_save.bias` / `<path>.original_module.bias` (ignored)."""
     out = _base_weights(p)
+    for path, adapter in p.adapters.items():
+        out.update({f"{PREFIX}{path}.{suffix}": shape for suffix, shape in adapter.optional_disk_names().items()})
     for path in p.saved_modules:
         for key, t in _original(model, path).state_dict().items():
             if key.endswith("bias"):
@@ -230,7 +233,11 @@ def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
                 getattr(adapter, pname).copy_(tensors[f"{PREFIX}{path}.{suffix}"])
         for key, (adapter, attr) in _shared_keys(p.adapters.values()).items():
             getattr(adapter, attr).copy_(tensors[key])
-    for adapter in p.adapters.values():
+    for path, adapter in p.adapters.items():
+        optional = {s: tensors[f"{PREFIX}{path}.{s}"] for s in adapter.optional_disk_names()
+                    if f"{PREFIX}{path}.{s}" in tensors}
+        if optional:
+            adapter.load_optional(optional)
         adapter.after_load()
     model.commit_adapter(p, active=active, trainable=trainable)
     _load_extras(model, p, tensors)

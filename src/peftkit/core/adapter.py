@@ -146,6 +146,19 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         """Tensors shared by every layer of this adapter (attribute name -> key after "base_model.")."""
         return {}
 
+    def optional_disk_names(self) -> dict[str, tuple[int, ...]]:
+        """Keys (suffix -> shape) this adapter may write beside its required ones and reads when a file has them,
+        e.g. the starting factors of a base-mutating init, so that loading onto the original base can take the
+        same part of the weight again. Files without them (written by peft) still load."""
+        return {}
+
+    def optional_state(self) -> dict[str, Tensor]:
+        """The optional tensors to write (suffix -> tensor); a subset of optional_disk_names()."""
+        return {}
+
+    def load_optional(self, tensors: dict[str, Tensor]) -> None:
+        """Receive the optional tensors a file had (suffix -> tensor, shapes already checked), before after_load."""
+
     def after_load(self) -> None:
         """Called after checkpoint tensors were copied in, before the adapter joins the model (e.g. to derive
         init_delta from loaded state)."""

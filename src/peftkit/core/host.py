@@ -93,10 +93,11 @@ class AdaptedLayer(nn.Module):
         can update the output in place without autograd copying views."""
         y = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return y
+            return self._restore_base(x, y, ())
         if self.routing.rows is not None:
             return self._routed(x, y)
         names = [n for n in self.active if n not in self.merged]
+        y = self._restore_base(x, y, names)
         if not names:
             return y
         z = self.ops.without_bias(y) if any(self.adapters[n].needs_base_output for n in names) else None
@@ -106,6 +107,21 @@ class AdaptedLayer(nn.Module):
             y = self.adapters[name].add_to(y, x, z)
         return y
 
+    def _shifts(self, running: Sequence[str]) -> Tensor | None:
+        """Sum of init_delta of adapters that hold part of the base weight but do not run now, (out, in_flat)."""
+        held = [a.init_delta for n, a in self.adapters.items()
+                if a.init_delta is not None and n not in running and n not in self.merged]
+        return sum(held[1:], held[0]) if held else None
+
+    def _restore_base(self, x: Tensor, y: Tensor, running: Sequence[str]) -> Tensor:
+        """An adapter whose init took part of the base weight (PiSSA-style, periodic merges) changes the base only
+        while it runs: for every other adapter, and when disabled, the layer computes the original base."""
+        shift = self._shifts(running)
+        if shift is None:
+            return y
+        d = shift.to(y.dtype).reshape(self.ops.a_shape(shift.shape[0]))  # the layer's map with weight `shift`
+        return y + self.ops.down(self.ops.input_for(x, y.dtype), d)  # (..., out)
+
     def _routed(self, x: Tensor, y: Tensor) -> Tensor:
         """Reference mixed-batch path: each adapter runs on the rows that asked for it (or the executor)."""
         if self.routing.executor is not None:
@@ -113,6 +129,12 @@ class AdaptedLayer(nn.Module):
         if self.merged:
             raise MergeError("adapter_names= cannot be used while adapters are merged; call unmerge first")
         groups = self.routing.groups(x.shape[0], x.device)
+        y = self._restore_base(x, y, ())  # every row starts from the original base ...
+        for name, idx in groups.items():  # ... and the rows of a base-shifting adapter give its part back
+            delta = self.adapters[name].init_delta if name in self.adapters else None
+            if delta is not None:
+                d = delta.to(y.dtype).reshape(self.ops.a_shape(delta.shape[0]))
+                y = y.index_add(0, idx, -self.ops.down(self.ops.input_for(x.index_select(0, idx), y.dtype), d))
         need_z = any(self.adapters[n].needs_base_output for n in groups if n in self.adapters)
         z = self.ops.without_bias(y) if need_z else None
         for name, idx in groups.items():

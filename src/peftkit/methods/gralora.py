@@ -14,7 +14,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
-from .lora import MAX_RANK, adapter_dtype
+from .common import MAX_RANK, adapter_dtype
 
 __all__ = ["GraloraConfig", "GraloraAdapter"]
 

@@ -21,7 +21,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
-from .lora import _check_alpha, _check_rank, adapter_dtype
+from .common import adapter_dtype, check_alpha, check_rank
 
 __all__ = ["HdPissaConfig", "HdPissaAdapter"]
 
@@ -41,9 +41,9 @@ class HdPissaConfig(AdapterConfig):
     hd_shards: int = 2
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
+        check_rank("r", self.r)
         if self.lora_alpha is not None:
-            _check_alpha("lora_alpha", self.lora_alpha)
+            check_alpha("lora_alpha", self.lora_alpha)
         k = self.hd_shards
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4096:
             raise ConfigError("hd_shards", f"must be an integer in [1, 4096], got {k!r}")

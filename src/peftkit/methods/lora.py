@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,20 +14,12 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
+from .common import MAX_RANK, adapter_dtype, check_alpha, check_rank, pattern_value
 from .inits import check_lora_ga_config, init_factors, parse_init
 
-__all__ = ["LoraConfig", "LoraAdapter"]
+__all__ = ["LoraConfig", "LoraAdapter", "MAX_RANK", "adapter_dtype"]
 
-MAX_RANK = 65536
-
-
-def _pattern_value(patterns: dict, name: str, default):
-    """peft's rule: a pattern key matches a module name as a regex on a dot-boundary suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
+_check_rank, _check_alpha = check_rank, check_alpha  # transitional names; new code imports them from .common
 
 @register_config
 @dataclass(frozen=True, kw_only=True)
@@ -60,12 +51,12 @@ class LoraConfig(AdapterConfig):
     lora_ga_config: dict | None = None
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
         for key, value in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
+            check_alpha(f"alpha_pattern[{key!r}]", value)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         parse_init(self.init_lora_weights)
@@ -82,8 +73,8 @@ class LoraConfig(AdapterConfig):
         return "dora" if self.use_dora else "lora"
 
     def for_module(self, name: str) -> LoraConfig:
-        r = _pattern_value(self.rank_pattern, name, self.r)
-        alpha = _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        r = pattern_value(self.rank_pattern, name, self.r)
+        alpha = pattern_value(self.alpha_pattern, name, self.lora_alpha)
         return self if (r, alpha) == (self.r, self.lora_alpha) else self.replace(r=r, lora_alpha=alpha)
 
     def for_original_base(self) -> LoraConfig:
@@ -99,22 +90,6 @@ class LoraConfig(AdapterConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-def _check_rank(field_name: str, r) -> None:
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
-        raise ConfigError(field_name, f"rank must be an integer in [1, {MAX_RANK}], got {r!r}")
-
-
-def _check_alpha(field_name: str, alpha) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ConfigError(field_name, f"must be a finite number > 0, got {alpha!r}")
-
-
-def adapter_dtype(ops: LayerOps) -> torch.dtype:
-    """Adapters train in fp32 over fp16/bf16 bases (as peft's autocast_adapter_dtype), else in the base dtype."""
-    dtype = ops.weight.dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @register_adapter("lora", LoraConfig)
@@ -185,6 +160,23 @@ class LoraAdapter(Adapter):
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
         names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
         return names | ({"lora_B_bias": "lora_B.bias"} if self.lora_B_bias is not None else {})
+
+    def optional_disk_names(self) -> dict[str, tuple[int, ...]]:
+        """Starting factors of a base-mutating init ("<A key>.init", "<B key>.init"): peftkit writes them so that
+        loading onto the original base takes the same part of W again; peft's files lack them (residual base)."""
+        a, b = (self.disk_names()[k].removesuffix(".weight") + ".init" for k in ("lora_A", "lora_B"))
+        return {a: tuple(self.lora_A.shape), b: tuple(self.lora_B.shape)}
+
+    def optional_state(self) -> dict[str, Tensor]:
+        has_init = self.init_delta is not None and hasattr(self, "init_A")
+        return dict(zip(self.optional_disk_names(), (self.init_A, self.init_B), strict=True)) if has_init else {}
+
+    def load_optional(self, tensors: dict[str, Tensor]) -> None:
+        a, b = (tensors.get(k) for k in self.optional_disk_names())
+        if a is not None and b is not None:
+            self.register_buffer("init_A", a.to(self.lora_A), persistent=False)
+            self.register_buffer("init_B", b.to(self.lora_B), persistent=False)
+            self.init_delta = self.scaling * (self.ops.flat(b).float() @ self.ops.flat(a).float())  # (out, in_flat)
 
     def state_for_original_base(self) -> dict[str, Tensor] | None:
         """W_res + s B_t A_t = W + s [B_t, -B_0] [A_t; A_0]: a plain rank-2r LoRA on the original weight."""

@@ -14,7 +14,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
-from .lora import _check_alpha, _check_rank, adapter_dtype
+from .common import adapter_dtype, check_alpha, check_rank
 
 __all__ = ["LoraXsConfig", "LoraXsAdapter"]
 
@@ -34,8 +34,8 @@ class LoraXsConfig(AdapterConfig):
     init_std: float = 1e-5
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         std = self.init_std

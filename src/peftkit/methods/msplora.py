@@ -14,8 +14,8 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
+from .common import adapter_dtype, check_alpha, check_rank
 from .inits import init_factors
-from .lora import _check_alpha, _check_rank, adapter_dtype
 from .s2lora import shape_key
 
 __all__ = ["MSPLoraConfig", "MSPLoraAdapter", "level_groups"]
@@ -43,8 +43,8 @@ class MSPLoraConfig(AdapterConfig):
     msp_levels: int = 3
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         levels = self.msp_levels

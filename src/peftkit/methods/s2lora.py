@@ -14,7 +14,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
-from .lora import _check_alpha, _check_rank, adapter_dtype
+from .common import adapter_dtype, check_alpha, check_rank
 
 __all__ = ["S2LoraConfig", "S2LoraAdapter", "shape_key"]
 
@@ -38,8 +38,8 @@ class S2LoraConfig(AdapterConfig):
     s2_l1: float = 1e-3
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
         mu = self.s2_l1
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
             raise ConfigError("s2_l1", f"must be a finite number >= 0 (0 disables the L1 penalty), got {mu!r}")

@@ -12,8 +12,9 @@ from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
+from .common import MAX_RANK
 from .inits import parse_init
-from .lora import MAX_RANK, LoraAdapter, LoraConfig
+from .lora import LoraAdapter, LoraConfig
 
 __all__ = ["SaLoraConfig", "SaLoraAdapter", "safety_basis"]
 

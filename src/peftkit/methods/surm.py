@@ -14,7 +14,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
-from .lora import adapter_dtype
+from .common import adapter_dtype
 
 __all__ = ["SurmConfig", "SurmAdapter", "STRUCTURES"]
 

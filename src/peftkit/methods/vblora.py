@@ -14,7 +14,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
-from .lora import _check_rank, adapter_dtype
+from .common import adapter_dtype, check_rank
 
 __all__ = ["VBLoRAConfig", "VBLoRAAdapter", "mix"]
 
@@ -54,7 +54,7 @@ class VBLoRAConfig(AdapterConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
+        check_rank("r", self.r)
         for name in ("num_vectors", "vector_length", "topk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

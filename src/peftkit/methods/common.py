@@ -1,0 +1,40 @@
+"""Small helpers shared by the method files (registers no method): rank/alpha checks, per-module patterns,
+the adapter dtype."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..core.layers import LayerOps
+from ..errors import ConfigError
+
+__all__ = ["MAX_RANK", "adapter_dtype", "check_alpha", "check_rank", "pattern_value"]
+
+MAX_RANK = 65536
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """peft's rule: a pattern key matches a module name as a regex on a dot-boundary suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def check_rank(field_name: str, r) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= MAX_RANK:
+        raise ConfigError(field_name, f"rank must be an integer in [1, {MAX_RANK}], got {r!r}")
+
+
+def check_alpha(field_name: str, alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(field_name, f"must be a finite number > 0, got {alpha!r}")
+
+
+def adapter_dtype(ops: LayerOps) -> torch.dtype:
+    """Adapters train in fp32 over fp16/bf16 bases (as peft's autocast_adapter_dtype), else in the base dtype."""
+    dtype = ops.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
