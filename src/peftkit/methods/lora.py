@@ -31,7 +31,7 @@ class LoraConfig(AdapterConfig):
     "pissa", "pissa_niter_<k>", "olora", "nlora", "lora_ga" (method "lora_ga": factors from calibration gradients,
     tuned by lora_ga_config = {"direction", "scale", "stable_gamma"}, peft's LoraGAConfig fields).
     rank_pattern / alpha_pattern: per-module r / alpha by regex suffix. lora_bias: B gets a trainable bias.
-    use_dora: weight-decomposed LoRA (method "dora").
+    use_dora: weight-decomposed LoRA (method "dora"). kasa_config: {"beta", "gamma"} selects KaSA (method "kasa").
     fan_in_fan_out: accepted for compatibility; Conv1D layers are detected by type.
     """
 
@@ -49,6 +49,7 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     fan_in_fan_out: bool = False
     lora_ga_config: dict | None = None
+    kasa_config: dict | None = None
 
     def validate(self) -> None:
         check_rank("r", self.r)
@@ -65,9 +66,15 @@ class LoraConfig(AdapterConfig):
             raise ConfigError("init_lora_weights", "'lora_ga' cannot be combined with use_dora=True; drop one")
         if self.use_dora and self.lora_bias:
             raise ConfigError("lora_bias", "cannot be combined with use_dora=True; set one of them to False")
+        if self.kasa_config is not None:
+            from .kasa import check_kasa_config  # kasa.py imports this module
+
+            check_kasa_config(self)
 
     @property
     def method(self) -> str:
+        if self.kasa_config is not None:
+            return "kasa"
         if self.init_lora_weights == "lora_ga":
             return "lora_ga"
         return "dora" if self.use_dora else "lora"
