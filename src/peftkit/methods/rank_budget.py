@@ -1,20 +1,9 @@
-"""Shared building blocks for rank-allocating methods (no method is registered here).
-
-- `EmaImportance`: sensitivity x uncertainty smoothing of a score (arXiv 2303.10512, eq. 8-10): for a score s_t
-  (per tensor entry, or one number per module)
-      I_t = b1 I_{t-1} + (1 - b1) s_t,   U_t = b2 U_{t-1} + (1 - b2) |s_t - I_t|,   importance = I_t * U_t.
-- `sensitivity(p)`: s = |w * dL/dw| of a parameter whose gradient is present.
-- `cubic_budget`: b(t) = b_0 for t <= t_i, b_T + (b_0 - b_T) (1 - (t - t_i) / (T - t_f - t_i))^3 in between
-  (floored), b_T after T - t_f; allocation every `every` steps (the rule of peft's RankAllocator.budget_schedule).
-- `linear_schedule`: a value moving linearly from `start` to `end` between t_i and T - t_f.
-- `prune_mask`: one global threshold over the scores of all layers (the n-th smallest value; scores <= it drop).
-- `top_k`: the indices of the k largest scores (growth), ties broken by position.
-- `orthogonality(A, B)`: ||A A^T - I||_F + ||B^T B - I||_F (the SVD-form regularizer, not squared).
-- `check_int` / `check_beta` / `check_number`: ConfigError-raising field checks shared by the schedule configs.
-- `cubic_allocation`: one step of budgeted pruning over the layers of an adapter (the AdaLoRA schedule as peft runs
-  it: importance updates, cubic budget, global threshold, frozen final mask).
-- `LayerGroup`: the layers of one adapter injection, kept in `AdapterContext.shared`, with a once-per-step latch
-  so the first layer whose `on_step` runs does the cross-layer work for all of them.
+"""Shared building blocks for rank-allocating methods (no method is registered here): importance trackers
+(EMA sensitivity x uncertainty of |w * g|, arXiv 2303.10512 eq. 8-10), budget schedules (cubic decay, linear),
+a global-threshold selector over all layers of an adapter, top-k growth picks, chunked growing factors, the
+SVD-form orthogonality loss, config field checks, and `LayerGroup`: the layers of one adapter injection kept in
+`AdapterContext.shared`, with a once-per-step latch so the first layer whose `on_step` runs does the cross-layer
+work for all of them.
 """
 
 from __future__ import annotations
@@ -27,11 +16,13 @@ from torch import Tensor
 from ..errors import ConfigError
 
 __all__ = ["EmaImportance", "sensitivity", "cubic_budget", "linear_schedule", "prune_mask", "top_k", "LayerGroup",
-           "orthogonality", "check_int", "check_beta", "check_number", "cubic_allocation"]
+           "orthogonality", "check_int", "check_beta", "check_number", "cubic_allocation",
+           "cat_chunks", "recorded_ranks"]
 
 
 class EmaImportance:
-    """EMA-smoothed sensitivity (I) and uncertainty (U) per key; `score(key)` = I * U."""
+    """Per key, for a score s_t (per entry or per module): I_t = b1 I_{t-1} + (1 - b1) s_t,
+    U_t = b2 U_{t-1} + (1 - b2) |s_t - I_t|; `score(key)` = I_t * U_t."""
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
         self.beta1, self.beta2 = beta1, beta2
@@ -68,8 +59,8 @@ def sensitivity(p: Tensor) -> Tensor:
 
 def cubic_budget(step: int, initial: int, target: int, tinit: int, tfinal: int, total_step: int,
                  every: int = 1) -> tuple[int, bool]:
-    """(budget, whether to allocate at this step) of the cubic schedule; allocation happens every `every` steps
-    in the decay phase and at every step of the final phase."""
+    """(budget, allocate now?) of peft's RankAllocator.budget_schedule: b_0 for t <= t_i, then
+    floor(b_T + (b_0 - b_T) (1 - (t - t_i) / (T - t_f - t_i))^3) allocating every `every` steps, b_T after T - t_f."""
     if step <= tinit:
         return initial, False
     if step > total_step - tfinal:
@@ -157,6 +148,22 @@ def check_number(field: str, value: Any, low: float = 0.0, high: float = float("
     """A finite number in [low, high)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise ConfigError(field, f"must be a number in [{low}, {high}), got {value!r}")
+
+
+def cat_chunks(chunks: Any, dim: int) -> Tensor:
+    """The chunks of a growing factor concatenated along `dim`; a single chunk is returned itself (so that loading a
+    checkpoint copies into the parameter)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(list(chunks), dim=dim)
+
+
+def recorded_ranks(pattern: dict[str, int], per_layer: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """`pattern` updated with {module path: r} from per-layer fields {path: {"r": r}}."""
+    out = dict(pattern)
+    for path, fields in per_layer.items():
+        if set(fields) != {"r"}:
+            raise ConfigError(sorted(fields)[0], "only the per-layer rank 'r' can be recorded")
+        out[path] = int(fields["r"])
+    return out
 
 
 class LayerGroup:
