@@ -183,5 +183,19 @@ def test_config_errors_name_the_field() -> None:
             IncreLoraConfig(target_modules=["fc1"], **fields)
         assert info.value.field == name, fields
     with pytest.raises(UnsupportedLayerError):
-        AdapterModel(nn.Sequential(nn.Embedding(10, 4))).add_adapter("d", IncreLoraConfig(target_modules=["0"]))
+        AdapterModel(nn.Sequential(nn.Conv2d(3, 4, 3))).add_adapter("d", IncreLoraConfig(target_modules=["0"]))
 
+
+
+def test_embedding_layer_hook_and_twin() -> None:
+    torch.manual_seed(0)
+    model = AdapterModel(nn.Sequential(nn.Embedding(10, 6)))
+    model.add_adapter("default", IncreLoraConfig(target_modules=["0"], r=2))
+    perturb(model.named_parameters(), seed=5)
+    a = next(iter(_adapters(model).values()))
+    ids = torch.tensor([[1, 4, 9], [0, 4, 2]])
+    expected = a.ops.module(ids) + a.delta_weight().T[ids]  # (2, 3, 6): row ids of (W + dW)^T
+    assert close(model(ids).detach(), expected)
+    model.train()
+    model(ids).square().sum().backward()
+    assert a.score is not None and a.score > 0

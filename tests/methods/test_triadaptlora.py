@@ -154,4 +154,4 @@ def test_config_errors_name_the_field() -> None:
             TriAdaptLoraConfig(target_modules=["fc1"], **fields)
         assert info.value.field == name, fields
     with pytest.raises(UnsupportedLayerError):
-        AdapterModel(nn.Sequential(nn.Embedding(10, 4))).add_adapter("d", TriAdaptLoraConfig(target_modules=["0"]))
+        AdapterModel(nn.Sequential(nn.Conv2d(3, 4, 3))).add_adapter("d", TriAdaptLoraConfig(target_modules=["0"]))

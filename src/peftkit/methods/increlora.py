@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.adapter import Adapter, AdapterContext, LowRank
@@ -89,8 +88,8 @@ class IncreLoraAdapter(Adapter):
 
     def __init__(self, ops: LayerOps, config: IncreLoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:
-        if ops.kind not in ("linear", "conv1d_transposed"):
-            raise UnsupportedLayerError(f"increlora supports Linear and Conv1D layers, not {ops.kind}")
+        if ops.kind == "conv":
+            raise UnsupportedLayerError("increlora supports Linear, Conv1D and Embedding layers, not convolutions")
         super().__init__(ops, config, initialize, ctx)
         path = ctx.path if ctx is not None else ""
         self.rank = self.built_rank = config.rank_of(path)
@@ -100,7 +99,8 @@ class IncreLoraAdapter(Adapter):
         self.lora_E = nn.ParameterList([self.new_param((self.rank, 1), dtype, device)])  # chunks (k, 1)
         self.lora_B = nn.ParameterList([self.new_param((ops.out_features, rows), dtype, device)])  # chunks (out, k)
         self.register_buffer("reserve_E", torch.full((self.n_res, 1), RESERVE_E, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        use_dropout = config.lora_dropout > 0 and ops.kind != "embedding"
+        self.dropout = nn.Dropout(config.lora_dropout) if use_dropout else nn.Identity()
         self.importance = rb.EmaImportance(config.beta1, config.beta2)
         self.score: Tensor | None = None  # sum|dW * dL/dW| / sqrt(numel) of the backward passes since the last step
         self.group = rb.LayerGroup.of(ctx.shared if ctx is not None else None, "rank_allocator")
@@ -131,7 +131,7 @@ class IncreLoraAdapter(Adapter):
             if delta.requires_grad:
                 seen = delta.detach()
                 delta.register_hook(lambda g: self._record(seen, g))
-            return F.linear(x, delta)  # (..., out)
+            return self.ops.down(x, delta)  # (..., out): dW applied as a factor with out rows
         return self.ops.up(self.ops.down(x, a) * (e.view(-1) * self.scaling), b)  # (..., out)
 
     def _record(self, delta: Tensor, grad: Tensor) -> None:

@@ -96,8 +96,8 @@ class TriAdaptLoraAdapter(Adapter):
 
     def __init__(self, ops: LayerOps, config: TriAdaptLoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:
-        if ops.kind not in ("linear", "conv1d_transposed"):
-            raise UnsupportedLayerError(f"triadaptlora supports Linear and Conv1D layers, not {ops.kind}")
+        if ops.kind == "conv":
+            raise UnsupportedLayerError("triadaptlora supports Linear, Conv1D and Embedding layers, not convolutions")
         super().__init__(ops, config, initialize, ctx)
         path = ctx.path if ctx is not None else ""
         self.rank = self.built_rank = r = config.rank_of(path)
@@ -107,7 +107,8 @@ class TriAdaptLoraAdapter(Adapter):
         self.lora_B = nn.ParameterList([self.new_param((ops.out_features, r), dtype, device)])  # chunks (out, k)
         self.lora_T_lower = nn.ParameterList([self.new_param((r * (r + 1) // 2,), dtype, device)])  # packed rows
         self.lora_T_upper = nn.ParameterList([self.new_param((r * (r - 1) // 2,), dtype, device)])  # packed columns
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        use_dropout = config.lora_dropout > 0 and ops.kind != "embedding"
+        self.dropout = nn.Dropout(config.lora_dropout) if use_dropout else nn.Identity()
         self.ema: float | None = None
         self.group = rb.LayerGroup.of(ctx.shared if ctx is not None else None, "rank_allocator")
         self.group.add(path, self)
