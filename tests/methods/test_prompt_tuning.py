@@ -201,11 +201,7 @@ def test_layer_errors() -> None:
 
 
 # --- peft checkpoint interop: peft stores the prompt under the bare key "prompt_embeddings" --------------------------
-NEEDS_ROOT_KEY = ("checkpoint/peft_format.py writes shared tensors as 'base_model.<suffix>'; peft's prompt key is the "
-                  "bare 'prompt_embeddings' (needs a root-level key hook in the checkpoint code)")
 
-
-@pytest.mark.xfail(strict=True, reason=NEEDS_ROOT_KEY)
 def test_peft_writes_peftkit_loads(tmp_path) -> None:
     peft = pytest.importorskip("peft")
     oracle = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
@@ -219,7 +215,6 @@ def test_peft_writes_peftkit_loads(tmp_path) -> None:
         torch.testing.assert_close(model(**_batch()).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_ROOT_KEY)
 def test_peftkit_writes_peft_loads(tmp_path) -> None:
     peft = pytest.importorskip("peft")
     model = _wrapped(task_type="CAUSAL_LM")

@@ -40,11 +40,14 @@ def _adapter_tensors(adapter, original_base: bool) -> dict[str, Tensor]:
 
 
 def _shared_keys(adapters) -> dict[str, tuple[object, str]]:
-    """{disk key: (adapter, attribute)} of tensors shared across layers ("base_model.<suffix>"), once each."""
+    """{disk key: (adapter, attribute)} of tensors shared across layers ("base_model.<suffix>", or a root key used
+    verbatim), once each."""
     out = {}
     for adapter in adapters:
         for attr, suffix in adapter.shared_disk_names().items():
             out.setdefault(f"base_model.{suffix}", (adapter, attr))
+        for attr, key in adapter.root_disk_names().items():
+            out.setdefault(key, (adapter, attr))
     return out
 
 

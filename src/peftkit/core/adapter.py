@@ -146,6 +146,10 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         """Tensors shared by every layer of this adapter (attribute name -> key after "base_model.")."""
         return {}
 
+    def root_disk_names(self) -> dict[str, str]:
+        """Tensors written once under a key used verbatim, outside "base_model." (peft's "prompt_embeddings")."""
+        return {}
+
     def optional_disk_names(self) -> dict[str, tuple[int, ...]]:
         """Keys (suffix -> shape) this adapter may write beside its required ones and reads when a file has them,
         e.g. the starting factors of a base-mutating init, so that loading onto the original base can take the

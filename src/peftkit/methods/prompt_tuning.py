@@ -144,8 +144,8 @@ class PromptTuningAdapter(Adapter):
     def disk_names(self) -> dict[str, str]:
         return {}
 
-    def shared_disk_names(self) -> dict[str, str]:
-        """One prompt per adapter, written once as "base_model.prompt_embeddings" (peft: bare "prompt_embeddings")."""
+    def root_disk_names(self) -> dict[str, str]:
+        """One prompt per adapter, written once under peft's bare key "prompt_embeddings"."""
         return {"prompt_embeddings": "prompt_embeddings"}
 
     def transform_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
