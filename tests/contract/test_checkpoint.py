@@ -19,7 +19,7 @@ def test_save_load_round_trip(adapted: Env, tmp_path) -> None:
     peftkit.load_adapter(loaded, tmp_path, "default")
     assert torch.equal(adapted.out(loaded), out)
     assert_state_equal(state(loaded), state(adapted.model))
-    assert loaded.configs["default"] == adapted.model.configs["default"]
+    assert loaded.configs["default"] == adapted.model.current_config("default")
 
 
 def test_save_load_second_adapter(adapted: Env, tmp_path) -> None:

@@ -92,7 +92,7 @@ def save_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     """Write adapter `name` to `directory` in the PEFT format. original_base=True converts adapters whose init
     changed the base weight (PiSSA, OLoRA, ...) into plain adapters for the untouched base."""
     model._check_names([name])
-    config = _current_config(model, name)
+    config = model.current_config(name)
     tensors = adapter_state(model, name, original_base)
     if original_base and _converted(model, name):
         config = config.for_original_base()
@@ -109,15 +109,6 @@ def _converted(model: AdapterModel, name: str) -> bool:
     """Whether any layer of adapter `name` has a different form against the original base (a base-mutating init)."""
     return any(h.adapters[name].state_for_original_base() is not None for _, h in model.hosts()
                if isinstance(h, AdaptedLayer) and name in h.adapters)
-
-
-def _current_config(model: AdapterModel, name: str) -> AdapterConfig:
-    """The adapter's config with the per-layer values its layers changed during training (pruned or grown
-    ranks), so that loading allocates the saved shapes."""
-    per_layer = {path: fields for path, host in model.hosts() if isinstance(host, AdaptedLayer)
-                 and name in host.adapters and (fields := host.adapters[name].layer_fields())}
-    config = model.configs[name]
-    return config.with_layer_fields(per_layer) if per_layer else config
 
 
 # --- reading ------------------------------------------------------------------------------------------------

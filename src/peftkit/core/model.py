@@ -103,6 +103,15 @@ class AdapterModel(nn.Module):
             if name not in self.configs:
                 raise AdapterNameError(f"unknown adapter {name!r}; existing adapters: {sorted(self.configs)}")
 
+    def current_config(self, name: str) -> AdapterConfig:
+        """Adapter `name`'s config with the per-layer values its layers changed during training (pruned or grown
+        ranks, selected blocks): what `save_adapter` writes, so that loading allocates the current shapes."""
+        self._check_names([name])
+        per_layer = {path: fields for path, host in self.hosts() if isinstance(host, AdaptedLayer)
+                     and name in host.adapters and (fields := host.adapters[name].layer_fields())}
+        config = self.configs[name]
+        return config.with_layer_fields(per_layer) if per_layer else config
+
     # --- activation and training ----------------------------------------------------------------------------
     def set_active(self, *names: str) -> None:
         """Adapters whose outputs are added in forward (in this order)."""
