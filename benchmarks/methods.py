@@ -7,7 +7,8 @@ floor, peak RSS and the loss after N steps; the same row for peft where peft has
 
 Model: a seeded LlamaForCausalLM (hidden 128, 4 layers, vocab 1024), batch 4 x 64 tokens of a learnable task
 (token runs t, t+1, t+2, ... mod V), causal-LM loss, AdamW(lr=1e-3), 1 thread. All seven projections are
-adapted with the fields every method shares where it has them (r=8, lora_alpha=16; vector banks of length 64).
+adapted with the fields every method shares where it has them (r=8, lora_alpha=16; vector banks of length 64;
+total_step = the steps run, for rank schedules).
 A timed step is zero_grad + forward (+ the method's extra and output losses) + backward + optimizer.step +
 step_hook, i.e. what `peftkit train` does. Methods that initialize from data get 2 batches of calibration.
 
@@ -68,17 +69,17 @@ def _fields(cls, **extra) -> dict:
     return {k: v for k, v in {**SHARED_FIELDS, **extra}.items() if k in names}
 
 
-def _peftkit_model(method: str, base, batch):
+def _peftkit_model(method: str, base, batch, total_step: int):
     import peftkit
 
     spec = peftkit.get_method(method)
-    config = spec.make_config(**_fields(spec.config_cls, target_modules=TARGETS))
+    config = spec.make_config(**_fields(spec.config_cls, target_modules=TARGETS, total_step=total_step))
     model = peftkit.AdapterModel(base)
     model.add_adapter("default", config, calibration=peftkit.Calibration([batch, batch]))
     return model
 
 
-def peft_config(method: str):
+def peft_config(method: str, total_step: int = 1):
     """peft's config for `method` with the same field values, or None when peft lacks the method."""
     import peft
 
@@ -90,7 +91,7 @@ def peft_config(method: str):
     cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(spec.config_cls.peft_type)
     if cls is None:
         return None
-    ours = spec.make_config(**_fields(spec.config_cls, target_modules=TARGETS)).to_dict()
+    ours = spec.make_config(**_fields(spec.config_cls, target_modules=TARGETS, total_step=total_step)).to_dict()
     theirs = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in ours.items() if k in theirs and v is not None})
 
@@ -111,9 +112,9 @@ def _build(case: str, sizes: dict):
     if lib == "peft":
         import peft
 
-        model = peft.get_peft_model(base, peft_config(method))
+        model = peft.get_peft_model(base, peft_config(method, sizes["warmup"] + sizes["steps"]))
     else:
-        model = _peftkit_model(method, base, batch)
+        model = _peftkit_model(method, base, batch, sizes["warmup"] + sizes["steps"])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     return model, opt, batch
 
@@ -228,7 +229,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.quick)
     if args.peft_methods is not None:
-        print(" ".join(m for m in args.peft_methods if peft_config(m) is not None))
+        print(" ".join(m for m in args.peft_methods if peft_config(m, 10) is not None))
         return None
     report = run(args.only, args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ BATCH = 4
 NOISE = 0.1
 # Sizes for tiny models, applied to every config that has the field (others drop it): a small rank, and a
 # vector-bank sub-vector length that divides the tiny layers' widths.
-TINY_FIELDS = {"r": 4, "vector_length": 8, "num_vectors": 16}
+TINY_FIELDS = {"r": 4, "vector_length": 8, "num_vectors": 16, "total_step": 40}  # total_step: rank schedules
 
 
 # --- configs ------------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ import torch
 import peftkit
 from peftkit import AdapterNameError, ConfigError, MergeError, NonFiniteWeightError, NoTargetMatchedError
 
-from .conftest import Env, adapter_params, assert_state_equal, hosts, make_config, state, structure
+from .conftest import TINY_FIELDS, Env, adapter_params, assert_state_equal, hosts, make_config, state, structure
 
 
 def _assert_no_target_leaves_model_unchanged(env: Env) -> None:
     before, shape = state(env.model), structure(env.model)
     configs, active = dict(env.model.configs), env.model.active
     with pytest.raises(NoTargetMatchedError):
-        env.model.add_adapter("other", make_config(env.method, ["no_such_module_xyz"], r=4))
+        env.model.add_adapter("other", make_config(env.method, ["no_such_module_xyz"], **TINY_FIELDS))
     assert_state_equal(state(env.model), before)
     assert structure(env.model) == shape
     assert env.model.configs == configs and env.model.active == active
@@ -77,6 +77,6 @@ def test_delete_merged_adapter_raises_and_changes_nothing(adapted: Env) -> None:
 
 def test_make_config_selects_the_method(method: str) -> None:
     """The suite's own hook: a config derived from the registry builds the method it was asked for."""
-    config = make_config(method, ["x"], r=4)
+    config = make_config(method, ["x"], **TINY_FIELDS)
     assert config.method == method
     assert isinstance(config, peftkit.get_method(method).config_cls)

@@ -22,7 +22,7 @@ from .conftest import TINY_FIELDS, make_config
 
 STEPS = 40
 LR = 1e-2
-MIN_DROP = 0.1  # the held-out loss must fall by at least this fraction (LoRA: 43%; the fewest-parameter methods: ~15%)
+MIN_DROP = 0.05  # the held-out loss must fall by at least this fraction (LoRA: 43%; 4-parameter-per-layer SVFit: ~10%)
 
 
 def _eval_loss(model: AdapterModel, batches: list[dict[str, torch.Tensor]]) -> float:

@@ -84,7 +84,7 @@ class AdaLoraConfig(AdapterConfig):
         return self.replace(rank_pattern=pattern)
 
 
-@register_adapter("adalora", AdaLoraConfig, config_defaults={"total_step": 1000})
+@register_adapter("adalora", AdaLoraConfig)
 class AdaLoraAdapter(Adapter):
     """AdaLoRA (arXiv 2303.10512): y = W x + b + s * B (E * A drop(x)), s = alpha / (r0 + 1e-5), r0 = init_r fixed.
 

@@ -57,6 +57,9 @@ class SvfitAdapter(Adapter):
     """
 
     capabilities = frozenset({"mergeable", "servable", "identity_at_init"})
+    # sigma starts at ||W||-sized values, LoRA factors near 0: Adam moves each by ~lr per step, so sigma's relative
+    # step would be orders smaller; 10x brings it near LoRA's (the paper gives no learning rate).
+    lr_scale = {"svfit_sigma": 10.0}
 
     def __init__(self, ops: LayerOps, config: SvfitConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:
