@@ -123,23 +123,48 @@ class _OpPoint:
         plan = RoutingPlan(torch.tensor(rows))
         plan_s = _timed(lambda: RoutingPlan(plan.slots).segments(), self.repeats)["median_s"]
         row = {"adapters": len(set(rows)), "base_s": self.base, "plan_s": plan_s}  # plan: once per forward
-        for backend in ("segment", "gather"):
-            def fn(b=backend):
-                return adapter_op(b, self.ops, "p", self.x, self.layer(self.x), plan, self.slots)
-            row[backend] = _timed(fn, self.repeats)["median_s"] / self.base
-        row["best"] = min(row["segment"], row["gather"])
+        fns = {"base": lambda: self.layer(self.x)}
+        for backend in OP_BACKENDS:
+            fns[backend] = (lambda b=backend: adapter_op(b, self.ops, "p", self.x, self.layer(self.x), plan,
+                                                          self.slots))
         if max(rows) < len(self.peft_layer.lora_A):
             names = [f"a{r}" for r in rows]
-            row["peft"] = _timed(lambda: self.peft_layer(self.x, adapter_names=names), self.repeats)["median_s"]
-            row["peft"] /= self.base
+            fns["peft"] = lambda: self.peft_layer(self.x, adapter_names=names)
+        row |= _paired_ratios(fns, self.repeats)
+        row["best"] = min(row[b] for b in OP_BACKENDS)
         return row
 
 
+OP_BACKENDS = ("segment", "gather", "auto")
+
+
+def _paired_ratios(fns: dict, repeats: int) -> dict:
+    """Each fn's time over fns["base"], timed interleaved round by round (a loaded machine drifts): the median
+    over rounds of each round's ratio. Each round times every fn `inner` times back to back and keeps the best."""
+    for fn in fns.values():
+        fn()  # warm-up (plans, stacks)
+    ratios: dict[str, list[float]] = {name: [] for name in fns if name != "base"}
+    for _ in range(repeats):
+        best = {}
+        for name, fn in fns.items():
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            best[name] = min(times)
+        for name in ratios:
+            ratios[name].append(best[name] / best["base"])
+    return {name: statistics.median(r) for name, r in ratios.items()}
+
+
 def op_table(res: dict) -> str:
-    lines = [f"{'workload/tokens':<18}{'adapters':>9}{'segment':>9}{'gather':>9}{'best':>7}{'peft':>7}  (x base)"]
+    head = "".join(f"{b:>9}" for b in OP_BACKENDS)
+    lines = [f"{'workload/tokens':<18}{'adapters':>9}{head}{'best':>7}{'peft':>7}  (x base)"]
     for key, r in res.items():
         peft = f"{r['peft']:.2f}" if "peft" in r else "-"
-        lines.append(f"{key:<18}{r['adapters']:>9}{r['segment']:>9.2f}{r['gather']:>9.2f}{r['best']:>7.2f}{peft:>7}")
+        cells = "".join(f"{r[b]:>9.2f}" for b in OP_BACKENDS)
+        lines.append(f"{key:<18}{r['adapters']:>9}{cells}{r['best']:>7.2f}{peft:>7}")
     return "\n".join(lines)
 
 

@@ -136,3 +136,87 @@ def test_float32_and_unknown_backend():
         torch.testing.assert_close(_run(backend, layer, x, plan, slots), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="backend 'fast' is unknown"):
         _run("fast", layer, x, plan, slots)
+
+
+# --- the grouped GEMM path of `gather` (float32, 16-byte aligned factors) ---------------------------------------
+A_IN, A_OUT = 16, 24  # multiples of 4 float32: torch._grouped_mm runs
+
+
+def _aligned_slots(g: torch.Generator, n: int, kinds=("lora",), ranks=(4, 8, 16), scales=None) -> Slots:
+    per_slot = []
+    for i in range(n):
+        r, kind = ranks[i % len(ranks)], kinds[i % len(kinds)]
+        a, b = torch.randn(r, A_IN, generator=g), torch.randn(A_OUT, r, generator=g)
+        scale = scales[i % len(scales)] if scales else float(torch.rand((), generator=g)) + 0.5
+        extra = {"out_scale": torch.rand(A_OUT, generator=g) + 0.5} if kind == "dora" else {}
+        extra |= {"bias": torch.randn(A_OUT, generator=g)} if kind == "bias" else {}
+        per_slot.append({"layer": LowRank(a, b, scale, **extra)})
+    return Slots(per_slot)
+
+
+def _count_grouped(monkeypatch) -> list[int]:
+    calls = []
+    real = torch._grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("kinds", [("lora",), ("lora", "dora", "bias")])
+@pytest.mark.parametrize("scales", [None, (2.0,)])
+def test_grouped_gemm_path_equals_reference(monkeypatch, workload, kinds, scales):
+    """Mixed ranks (one grouped GEMM pair per rank), base rows, shuffled routing, sparse slot use."""
+    g = torch.Generator().manual_seed(7)
+    slots = _aligned_slots(g, 40, kinds, scales=scales)
+    rows = sample_adapters(workload, 64, 40 if workload == "distinct" else 9, g)
+    rows = [r if i % 7 else -1 for i, r in enumerate(rows)]
+    layer = nn.Linear(A_IN, A_OUT)
+    x = torch.randn(64, A_IN, generator=g)
+    plan = RoutingPlan(torch.tensor(rows))
+    ref = _run("reference", layer, x, plan, slots)
+    calls = _count_grouped(monkeypatch)
+    for backend in ("gather", "auto", "segment"):
+        torch.testing.assert_close(_run(backend, layer, x, plan, slots), ref, atol=1e-4, rtol=1e-5)
+    assert calls, "the grouped GEMM path did not run"
+
+
+def test_grouped_gemm_weighted_pairs_and_grouped_rows(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    slots = _aligned_slots(g, 6, ("lora", "dora"))
+    layer = nn.Linear(A_IN, A_OUT)
+    x = torch.randn(20, A_IN, generator=g)
+    calls = _count_grouped(monkeypatch)
+    for plan in (RoutingPlan(torch.randint(-1, 6, (20, 3), generator=g), torch.rand(20, 3, generator=g)),
+                 RoutingPlan.from_rows([0, 1, 2, 3, 4], tokens_per_row=4)):  # identity order: no gather/scatter
+        ref = _run("reference", layer, x, plan, slots)
+        torch.testing.assert_close(_run("gather", layer, x, plan, slots), ref, atol=1e-4, rtol=1e-5)
+    assert calls
+
+
+def test_auto_keeps_segment_for_few_segments(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    slots = _aligned_slots(g, 4)
+    layer = nn.Linear(A_IN, A_OUT)
+    x = torch.randn(12, A_IN, generator=g)
+    calls = _count_grouped(monkeypatch)
+    plan = RoutingPlan(torch.tensor([1] * 6 + [2] * 6))
+    torch.testing.assert_close(_run("auto", layer, x, plan, slots), _run("reference", layer, x, plan, slots))
+    assert not calls
+
+
+def test_grouped_gemm_over_sparse_slot_use(monkeypatch):
+    """Few used slots far apart in a big table: the grouped GEMM runs over the used members only."""
+    g = torch.Generator().manual_seed(10)
+    slots = _aligned_slots(g, 40, ranks=(8,))
+    layer = nn.Linear(A_IN, A_OUT)
+    x = torch.randn(10, A_IN, generator=g)
+    plan = RoutingPlan(torch.tensor([39, 0, 39, -1, 0, 0, 39, 20, 20, 39]))
+    calls = _count_grouped(monkeypatch)
+    got = _run("gather", layer, x, plan, slots)
+    torch.testing.assert_close(got, _run("reference", layer, x, plan, slots), atol=1e-4, rtol=1e-5)
+    assert calls and isinstance(plan.group(0, slots.stacks("layer")[0]).members, torch.Tensor)

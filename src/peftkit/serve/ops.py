@@ -9,10 +9,14 @@ Slot -1 means "no adapter": those tokens keep the base output bit for bit.
 
 Back ends (every one equals `reference` on any routing; tests/serve/test_ops.py):
   reference  per-token Python loop over LowRank.contribution: obviously correct, slow.
-  segment    tokens sorted by slot once per plan; one GEMM pair per contiguous segment (the default). When the
-             caller already groups rows by adapter (the engine does) segments are slices: no gather at all.
-  gather     per rank group, per-token factors gathered from stacked slots and applied with bmm: one kernel
-             pair per distinct rank, whatever the number of adapters (many tiny segments, decode).
+  segment    tokens sorted by slot once per plan; one GEMM pair per contiguous segment, fused addmm_ into y.
+             When the caller already groups rows by adapter (the engine does) segments are slices: no gather.
+  gather     rows gathered in slot order once per plan, then per rank group ONE grouped GEMM pair
+             (torch._grouped_mm over the slots' stacked factors, jagged by segment offsets): no Python loop over
+             slots and no per-token copy of the factors. Where grouped GEMM cannot run (float64, factor sizes
+             not 16-byte aligned) each token's factors are gathered and applied with bmm (slow; a fallback).
+  auto       per layer and routing: `segment` for few segments, `gather` for many when grouped GEMM can run
+             (the crossover is measured in benchmarks/serving.py; AUTO_MIN_SEGMENTS).
 Mixed ranks are never padded to the largest: `gather` groups slots by rank, `segment` uses each slot's own rank.
 """
 
@@ -27,9 +31,12 @@ from torch import Tensor
 from ..core.adapter import LowRank
 from ..core.layers import LayerOps
 
-__all__ = ["BACKENDS", "RoutingPlan", "Slots", "adapter_op"]
+__all__ = ["AUTO_MIN_SEGMENTS", "BACKENDS", "RoutingPlan", "Slots", "adapter_op"]
 
-BACKENDS = ("reference", "segment", "gather")
+BACKENDS = ("reference", "segment", "gather", "auto")
+AUTO_MIN_SEGMENTS = 3  # `auto` uses grouped GEMM from this many segments in a pair column on
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TOKEN_WISE = ("linear", "conv1d_transposed")
 
 
 @dataclass
@@ -39,10 +46,22 @@ class _Segment:
     weight: Tensor | None  # (n, 1) pair weights of these tokens, None = all 1
 
 
+@dataclass
+class _Group:
+    """The tokens of one pair column that use one stack, in slot order (what `gather` needs per layer)."""
+
+    rows: Tensor | None  # (n,) token indices; None = every token, already in slot order (no gather/scatter)
+    local: Tensor  # (n,) each token's index in the stack
+    members: slice | Tensor  # the stack members the grouped GEMM runs over: a range (a view) or picked (a copy)
+    offs: Tensor  # (G,) int32 end offset of each of those members' segments (grouped GEMM)
+    weight: Tensor | None  # (n, 1) pair weights, None = all 1
+
+
 class RoutingPlan:
     """Token -> (slot, weight) pairs for one forward: slots (N, K) long (-1 = none), weights (N, K) or None.
 
-    Sorting and segmentation happen once per plan (lazily, memoized) and are shared by every layer.
+    Sorting, segmentation and per-stack grouping happen once per plan (lazily, memoized) and are shared by
+    every layer.
     """
 
     def __init__(self, slots: Tensor, weights: Tensor | None = None) -> None:
@@ -54,6 +73,8 @@ class RoutingPlan:
             raise ValueError(f"weights {tuple(weights.shape)} must match slots {tuple(slots.shape)}")
         self.slots, self.weights = slots.long(), weights
         self._segments: list[list[_Segment]] | None = None
+        self._sorted: dict[int, tuple[Tensor, Tensor, bool]] = {}
+        self._groups: dict[tuple[int, tuple[int, ...]], _Group | None] = {}
 
     @classmethod
     def from_rows(cls, row_slots: Sequence[int], tokens_per_row: int, device: torch.device | None = None
@@ -72,10 +93,18 @@ class RoutingPlan:
             self._segments = [self._column(k) for k in range(self.slots.shape[1])]
         return self._segments
 
+    def sorted_column(self, k: int) -> tuple[Tensor, Tensor, bool]:
+        """(order, slots in that order, whether the order is the identity) for pair column k."""
+        if k not in self._sorted:
+            col = self.slots[:, k]  # (N,)
+            order = torch.argsort(col, stable=True)  # (N,)
+            identity = bool((order == torch.arange(len(order), device=order.device)).all())
+            self._sorted[k] = (order, col[order], identity)
+        return self._sorted[k]
+
     def _column(self, k: int) -> list[_Segment]:
-        col = self.slots[:, k]  # (N,)
-        order = torch.argsort(col, stable=True)  # (N,)
-        ids, counts = torch.unique_consecutive(col[order], return_counts=True)
+        order, ordered, _ = self.sorted_column(k)
+        ids, counts = torch.unique_consecutive(ordered, return_counts=True)
         out, start = [], 0
         for slot, n in zip(ids.tolist(), counts.tolist(), strict=True):
             idx = order[start:start + n]
@@ -88,21 +117,55 @@ class RoutingPlan:
             out.append(_Segment(slot, rows, w))
         return out
 
+    def group(self, k: int, st: _Stack) -> _Group | None:
+        """The tokens of column k routed to a member of stack `st`, in slot order; None when there are none."""
+        key = (k, st.members)
+        if key not in self._groups:
+            self._groups[key] = self._group(k, st)
+        return self._groups[key]
+
+    def _group(self, k: int, st: _Stack) -> _Group | None:
+        order, ordered, identity = self.sorted_column(k)
+        local = st.lookup[ordered.clamp_min(0)].masked_fill(ordered < 0, -1)  # (N,) ascending where >= 0
+        keep = local >= 0
+        n = int(keep.sum())
+        if n == 0:
+            return None
+        rows = None if identity and n == len(order) else order[keep]  # (n,)
+        local = local[keep]  # (n,)
+        counts = torch.bincount(local, minlength=len(st.members))  # (S,)
+        used = torch.nonzero(counts).squeeze(1)  # (u,)
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        # an empty group costs about what copying one member's factors does: pick the used ones when sparse
+        members = slice(lo, hi) if hi - lo <= 8 * len(used) else used
+        offs = counts[members].cumsum(0).to(torch.int32)  # (G,)
+        w = None if self.weights is None else self.weights[order[keep], k][:, None]  # (n, 1)
+        return _Group(rows, local, members, offs, w)
+
 
 class Slots:
     """The adapters of a batch in slot order: slot i -> {layer key: LowRank} (layers it does not adapt are
-    absent). Stacked factors for `gather` are built per (layer, rank) on first use and kept while this table
-    lives (the engine keeps one while its set of adapters is unchanged, so decode steps reuse them)."""
+    absent). Per-layer views and the stacked factors for `gather` are built per layer on first use and kept
+    while this table lives (the engine keeps one while its set of adapters is unchanged, so steps reuse them)."""
 
     def __init__(self, per_slot: Sequence[Mapping[str, LowRank]]) -> None:
         self.per_slot = list(per_slot)
+        self._layers: dict[str, tuple[list[LowRank | None], bool, bool]] = {}
         self._stacks: dict[str, list[_Stack]] = {}
 
     def __len__(self) -> int:
         return len(self.per_slot)
 
     def layer(self, key: str) -> list[LowRank | None]:
-        return [s.get(key) for s in self.per_slot]
+        return self._layer(key)[0]
+
+    def _layer(self, key: str) -> tuple[list[LowRank | None], bool, bool]:
+        """(LowRank or None per slot, any slot adapts the layer, any slot has a channel scale)."""
+        if key not in self._layers:
+            lows = [s.get(key) for s in self.per_slot]
+            used = [low for low in lows if low is not None]
+            self._layers[key] = (lows, bool(used), any(low.out_scale is not None for low in used))
+        return self._layers[key]
 
     def stacks(self, key: str) -> list[_Stack]:
         if key not in self._stacks:
@@ -112,14 +175,23 @@ class Slots:
 
 @dataclass
 class _Stack:
-    """Slots of one layer sharing one rank, stacked: a (S, r, in), b (S, out, r), scale (S, 1)."""
+    """Slots of one layer sharing one rank, stacked in slot order: at (S, in, r), bt (S, r, out), scale (S, 1)."""
 
+    members: tuple[int, ...]  # the slots in this stack, ascending
     lookup: Tensor  # (n_slots,) long: slot -> index in this stack, -1 = not in this stack
-    a: Tensor
-    b: Tensor
+    at: Tensor
+    bt: Tensor
     scale: Tensor
+    uniform_scale: float | None  # the one scale every member shares, if they do
     out_scale: Tensor | None  # (S, out), ones for slots without one
     bias: Tensor | None  # (S, out), zeros for slots without one
+
+    @property
+    def grouped(self) -> bool:
+        """Can torch._grouped_mm run on these factors (dtype, 16-byte aligned rows)?"""
+        size = self.at.element_size()
+        dims = (self.at.shape[1], self.at.shape[2], self.bt.shape[2])
+        return self.at.dtype in _GROUPED_DTYPES and all(d * size % 16 == 0 for d in dims) and self.at.shape[2] > 0
 
 
 def _build_stacks(lows: list[LowRank | None]) -> list[_Stack]:
@@ -133,13 +205,15 @@ def _build_stacks(lows: list[LowRank | None]) -> list[_Stack]:
         ref = group[0].b
         lookup = torch.full((len(lows),), -1, dtype=torch.long, device=ref.device)
         lookup[members] = torch.arange(len(members), device=ref.device)
-        a = torch.stack([g.a.flatten(1) for g in group])  # (S, r, in)
-        b = torch.stack([g.b.flatten(1) for g in group])  # (S, out, r)
-        scale = torch.tensor([g.scale for g in group], dtype=ref.dtype, device=ref.device)[:, None]  # (S, 1)
-        one, zero = torch.ones(b.shape[1], dtype=ref.dtype), torch.zeros(b.shape[1], dtype=ref.dtype)
+        at = torch.stack([g.a.flatten(1).T for g in group])  # (S, in, r)
+        bt = torch.stack([g.b.flatten(1).T for g in group])  # (S, r, out)
+        scales = [g.scale for g in group]
+        scale = torch.tensor(scales, dtype=ref.dtype, device=ref.device)[:, None]  # (S, 1)
+        uniform = scales[0] if all(s == scales[0] for s in scales) else None
+        one, zero = torch.ones(bt.shape[2], dtype=ref.dtype), torch.zeros(bt.shape[2], dtype=ref.dtype)
         os_ = _stack_opt([g.out_scale for g in group], one)
         bias = _stack_opt([g.bias for g in group], zero)
-        out.append(_Stack(lookup, a, b, scale, os_, bias))
+        out.append(_Stack(tuple(members), lookup, at, bt, scale, uniform, os_, bias))
     return out
 
 
@@ -155,20 +229,31 @@ def adapter_op(backend: str, ops: LayerOps, key: str, x: Tensor, y: Tensor, plan
                ) -> Tensor:
     """y (N, out) plus every routed contribution for layer `key`; x (N, in) is the layer input. y may be
     updated in place (it is the fresh base output)."""
-    lows = slots.layer(key)
-    if all(low is None for low in lows):
+    lows, used, scaled = slots._layer(key)
+    if not used:
         return y
     z = None
-    if any(low is not None and low.out_scale is not None for low in lows):
+    if scaled:
         z = ops.without_bias(y)
         z = z.clone() if z is y else z  # y changes in place below; scaled forms read the pristine z
     if backend == "reference":
         return _reference(ops, x, y, z, plan, lows)
-    if backend == "gather" and ops.kind in ("linear", "conv1d_transposed"):
-        return _gather(x, y, z, plan, slots.stacks(key))
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown; use one of {BACKENDS}")
+    if ops.kind in _TOKEN_WISE and (backend == "gather" or backend == "auto" and _auto_grouped(plan, slots, key, x)):
+        return _gather(x, y, z, plan, slots.stacks(key))
     return _segment(ops, x, y, z, plan, lows)
+
+
+def _auto_grouped(plan: RoutingPlan, slots: Slots, key: str, x: Tensor) -> bool:
+    """Grouped GEMM pays off from AUTO_MIN_SEGMENTS segments on, where it can run (never the bmm fallback)."""
+    if max(len(column) for column in plan.segments()) < AUTO_MIN_SEGMENTS:
+        return False
+    return _grouped_device(x) and all(st.grouped for st in slots.stacks(key))
+
+
+def _grouped_device(x: Tensor) -> bool:
+    return x.device.type == "cpu" or x.dtype == torch.bfloat16
 
 
 def _reference(ops: LayerOps, x: Tensor, y: Tensor, z: Tensor | None, plan: RoutingPlan,
@@ -189,20 +274,24 @@ def _reference(ops: LayerOps, x: Tensor, y: Tensor, z: Tensor | None, plan: Rout
 
 def _segment(ops: LayerOps, x: Tensor, y: Tensor, z: Tensor | None, plan: RoutingPlan,
              lows: list[LowRank | None]) -> Tensor:
+    fused = ops.kind in _TOKEN_WISE and y.dim() == 2
     for column in plan.segments():
         for seg in column:
             low = lows[seg.slot]
             if low is None:
                 continue
             xs = x[seg.rows]  # (n, in): a view for contiguous rows
-            h = ops.down(ops.input_for(xs, low.a.dtype), low.a) * low.scale  # (n, r)
+            h = ops.down(ops.input_for(xs, low.a.dtype), low.a)  # (n, r)
             if low.out_scale is None and low.bias is None and seg.weight is None and isinstance(seg.rows, slice):
                 ys = y[seg.rows]  # (n, out) view
-                got = ops.up_add_(ys, h, low.b)  # ys += h B^T, one fused GEMM into y's storage
+                if fused and ys.dtype == low.b.dtype:
+                    ys.addmm_(h, low.b.T, alpha=low.scale)  # ys += s (h B^T): one GEMM into y's storage
+                    continue
+                got = ops.up_add_(ys, h.mul_(low.scale), low.b)  # ys += (s h) B^T
                 if got is not ys:
                     y[seg.rows] = got  # the layout or dtype did not allow the in-place form
                 continue
-            c = _finish(ops, low, ops.up(h, low.b), None if z is None else z[seg.rows])  # (n, out)
+            c = _finish(ops, low, ops.up(h, low.b).mul_(low.scale), None if z is None else z[seg.rows])  # (n, out)
             if seg.weight is not None:
                 c = c * seg.weight
             if isinstance(seg.rows, slice):
@@ -223,24 +312,35 @@ def _finish(ops: LayerOps, low: LowRank, d: Tensor, z: Tensor | None) -> Tensor:
 
 
 def _gather(x: Tensor, y: Tensor, z: Tensor | None, plan: RoutingPlan, stacks: list[_Stack]) -> Tensor:
-    """Per rank group: gather each token's factors and apply them with two bmm (no Python loop over slots)."""
+    """Per pair column and rank group: the group's rows in slot order, one grouped GEMM pair, one scatter."""
     for k in range(plan.slots.shape[1]):
-        col = plan.slots[:, k]  # (N,)
         for st in stacks:
-            local = st.lookup[col.clamp_min(0)].masked_fill(col < 0, -1)  # (N,)
-            rows = torch.nonzero(local >= 0).squeeze(1)  # (n,)
-            if rows.numel() == 0:
+            grp = plan.group(k, st)
+            if grp is None:
                 continue
-            sel = local[rows]  # (n,)
-            xs = x.index_select(0, rows).to(st.a.dtype)  # (n, in)
-            h = torch.bmm(st.a[sel], xs[:, :, None]).squeeze(2) * st.scale[sel]  # (n, r)
-            d = torch.bmm(st.b[sel], h[:, :, None]).squeeze(2)  # (n, out)
+            xs = x if grp.rows is None else x.index_select(0, grp.rows)  # (n, in) in slot order
+            d = _stack_delta(st, xs.to(st.at.dtype), grp)  # (n, out) = s B A x per row
             if st.bias is not None:
-                d = d + st.scale[sel] * st.bias[sel]
+                d = d + st.scale[grp.local] * st.bias[grp.local]
             if st.out_scale is not None:
-                zs = z.index_select(0, rows).to(d.dtype)  # (n, out)
-                d = torch.addcmul(-zs, zs + d, st.out_scale[sel])
-            if plan.weights is not None:
-                d = d * plan.weights[rows, k][:, None]
-            y.index_add_(0, rows, d.to(y.dtype))
+                zs = (z if grp.rows is None else z.index_select(0, grp.rows)).to(d.dtype)  # (n, out)
+                d = torch.addcmul(-zs, zs + d, st.out_scale[grp.local])
+            if grp.weight is not None:
+                d = d * grp.weight
+            if grp.rows is None:
+                y.add_(d.to(y.dtype))
+            else:
+                y.index_add_(0, grp.rows, d.to(y.dtype))
     return y
+
+
+def _stack_delta(st: _Stack, xs: Tensor, grp: _Group) -> Tensor:
+    """(n, in) rows in slot order -> (n, out) s B A x, each row with its own slot's factors."""
+    scale = st.uniform_scale if st.uniform_scale is not None else st.scale[grp.local]  # float or (n, 1)
+    if st.grouped and _grouped_device(xs):
+        xs = xs.contiguous()
+        at, bt = st.at[grp.members], st.bt[grp.members]  # (G, in, r), (G, r, out)
+        h = torch._grouped_mm(xs, at, offs=grp.offs).mul_(scale)  # (n, r): per segment x A^T
+        return torch._grouped_mm(h, bt, offs=grp.offs)  # (n, out): per segment h B^T
+    h = torch.bmm(xs[:, None, :], st.at[grp.local]).squeeze(1) * scale  # (n, r): factors gathered per token
+    return torch.bmm(h[:, None, :], st.bt[grp.local]).squeeze(1)  # (n, out)
