@@ -10,10 +10,12 @@ Sections (each returns a dict into the JSON and prints a table):
                 LoRA r=16. Time of base matmul + adapter op, as a ratio to the base matmul alone, for peftkit's
                 segment and gather back ends and for peft's LoRA layer with `adapter_names=` (its mixed batch).
                 The routing plan (sort + segments) is built once per forward and shared by every layer, so it
-                is timed apart (plan_s) rather than charged to each layer.
+                is timed apart (plan_s) rather than charged to each layer. Base and back ends are timed
+                interleaved round by round (best of 3 calls each); a ratio is the median over rounds.
   e2e           the engine on a tiny Llama: 32 requests (prompt 16, 32 new tokens, greedy), N distinct adapters in
-                {1, 8, 32}; tokens/s and the ratio to the same engine serving the base model only. peft side by
-                side: `generate(adapter_names=...)` on the whole batch, and merge-and-swap (per adapter: merge,
+                {1, 8, 32}; tokens/s and the ratio to the same engine serving the base model only (runs
+                interleaved round by round, ratios paired per round). peft side by side:
+                `generate(adapter_names=...)` on the whole batch, and merge-and-swap (per adapter: merge,
                 generate its requests, unmerge).
   registration  registering 10 / 100 / 1000 adapter directories: peftkit's lazy AdapterStore vs peft's
                 `load_adapter` (peft capped at 100 in full runs, 10 with --quick).
@@ -234,16 +236,24 @@ def _peft_runs(sizes, paths, names, prompts) -> dict:
 
 
 def e2e_section(sizes: dict, repeats: int) -> dict:
+    """Rounds interleave the base run and every adapter count (a loaded machine drifts): tok/s are medians over
+    rounds, x base is the median over rounds of each round's ratio to that round's base run."""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, sizes["vocab"], (sizes["requests"], sizes["prompt"]), generator=g).tolist()
+    runs: dict = {"base": [], **{n: [] for n in sizes["n_adapters"]}}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = _save_adapters(sizes, Path(tmp), max(sizes["n_adapters"]))
-        base = max(_engine_run(sizes, [], [None] * len(prompts), prompts) for _ in range(max(1, repeats // 3)))
+        for _ in range(max(1, repeats // 2)):
+            runs["base"].append(_engine_run(sizes, [], [None] * len(prompts), prompts))
+            for n in sizes["n_adapters"]:
+                runs[n].append(_engine_run(sizes, paths[:n], [f"a{i % n}" for i in range(len(prompts))], prompts))
+        base = statistics.median(runs["base"])
         for n in sizes["n_adapters"]:
             names = [f"a{i % n}" for i in range(len(prompts))]
-            tok_s = max(_engine_run(sizes, paths[:n], names, prompts) for _ in range(max(1, repeats // 3)))
-            row = {"base_tok_s": base, "peftkit_tok_s": tok_s, "peftkit_x_base": tok_s / base}
+            ratios = [t / b for t, b in zip(runs[n], runs["base"], strict=True)]
+            row = {"base_tok_s": base, "peftkit_tok_s": statistics.median(runs[n]),
+                   "peftkit_x_base": statistics.median(ratios), "peftkit_x_base_min_max": [min(ratios), max(ratios)]}
             row |= _peft_runs(sizes, paths[:n], names, prompts)
             row["peft_mixed_x_base"] = row["peft_mixed_tok_s"] / base
             out[f"{n}"] = row

@@ -61,3 +61,25 @@ def test_methods_quick(tmp_path):
         assert ours["trainable_params"] == theirs["trainable_params"] > 0
         assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-4
     assert out.with_suffix(".md").read_text().count("| peft |") == 2
+
+
+@pytest.mark.slow
+def test_serving_quick(tmp_path):
+    """benchmarks/serving.py --quick (op, e2e, registration): tables printed, JSON with every workload row."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "serving.json"
+    script = ROOT / "benchmarks" / "serving.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--sections", "op,e2e,registration",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "== op" in proc.stdout and "== e2e" in proc.stdout and "== registration" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    for key in ("distinct/16", "uniform/16", "zipf/64", "identical/64"):
+        row = report["op"][key]
+        assert all(row[b] > 0 for b in ("segment", "gather", "auto", "peft")), row
+    for n in ("1", "8"):
+        row = report["e2e"][n]
+        assert row["peftkit_tok_s"] > 0 and row["base_tok_s"] > 0 and row["peft_mixed_tok_s"] > 0
+    assert set(report["registration"]) == {"10", "100"}

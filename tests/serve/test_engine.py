@@ -185,3 +185,33 @@ def test_corrupt_adapter_fails_only_its_request(adapter_dirs, tmp_path):
     got, reasons = run(engine, {})
     assert reasons["bad1"].startswith("error: NonFiniteWeightError") and str(bad) in reasons["bad1"]
     assert got["ok"] == solo(adapter_dirs, "a", [1, 2], 3)
+
+
+def test_steady_decode_reuses_the_batched_cache(adapter_dirs, monkeypatch):
+    """Decode steps reuse the last forward's cache (rows dropped as requests finish, left padding cut); a join
+    rebuilds. Greedy outputs stay equal to running alone, with the grouped op (`auto`) and the segment op."""
+    from peftkit.serve import engine as engine_mod
+
+    calls = {"decode": 0, "build": 0}
+    real_decode, real_build = engine_mod.decode_batch, engine_mod.build_batch
+
+    def decode(*args):
+        calls["decode"] += 1
+        return real_decode(*args)
+
+    def build(*args):
+        calls["build"] += 1
+        return real_build(*args)
+
+    monkeypatch.setattr(engine_mod, "decode_batch", decode)
+    monkeypatch.setattr(engine_mod, "build_batch", build)
+    g = torch.Generator().manual_seed(11)
+    names = ["a", "b", "c", "d", None, "a"]
+    reqs = [GenerationRequest(f"q{i}", torch.randint(VOCAB, (2 + 3 * i,), generator=g).tolist(), name, 2 + 2 * i)
+            for i, name in enumerate(names)]
+    late = GenerationRequest("late", [3, 1, 4, 1, 5], "b", 4)
+    engine = make_engine(adapter_dirs, "auto", max_batch=8, max_adapters_per_step=4)
+    got, _ = run(engine, {0: reqs, 3: [late]})
+    for req in [*reqs, late]:
+        assert got[req.request_id] == solo(adapter_dirs, req.adapter, req.prompt_ids, req.max_new_tokens)
+    assert calls["decode"] >= 8 and calls["build"] <= 4, calls

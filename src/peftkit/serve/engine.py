@@ -2,9 +2,12 @@
 
 Every `step()` runs ONE forward over the running batch: requests that just joined are prefilled (their whole
 prompt) in the same forward as the others' decode tokens; finished requests leave at once and waiting ones join.
-Each sequence keeps its own KV cache; a step lays them out as one batch (past left-padded, new tokens
-right-padded, an attention mask over both, explicit position ids), so a row computes exactly what it computes
-alone. Rows are ordered by adapter, so the batched op's segments are plain slices.
+Each sequence has its own KV cache, held as a row of the last forward's batched cache; a step lays the rows out
+as one batch (past left-padded, new tokens right-padded, an attention mask over both, explicit position ids), so
+a row computes exactly what it computes alone. In steady decode (no request joined, one new token per row) the
+last forward's cache is reused in place (`batching.decode_batch`): no per-step rebuild or copy of the context.
+Logits are computed only at each row's last token. Rows are ordered by adapter, so the batched op's segments
+are plain slices.
 
 Admission: at most `max_batch` running requests and `max_adapters_per_step` distinct adapters per step (the base
 model takes no slot). Waiting requests are admitted oldest first; a later request may pass a blocked head only
@@ -15,14 +18,14 @@ running requests are pinned in the cache.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
-from .batching import Batch, build_batch, split_cache
+from .batching import Batch, build_batch, decode_batch, split_cache
 from .cache import AdapterCache
 from .model import ServingModel
 from .ops import Slots
@@ -40,8 +43,7 @@ class _Seq:
     arrived: int  # engine step at arrival
     tokens: list[int]  # prompt + generated so far
     generated: int = 0
-    cached: int = 0  # tokens whose keys/values are in `kv`
-    kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, (1, H, cached, D) each
+    cached: int = 0  # tokens whose keys/values are in this sequence's row of the last forward's cache
 
 
 class Engine:
@@ -72,6 +74,8 @@ class Engine:
         self.steps = 0
         self.counters = {"generated_tokens": 0, "prefill_tokens": 0, "finished": 0, "errors": 0}
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._last: tuple[list[_Seq], Batch, object] | None = None  # the last forward: rows, batch, output cache
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.model.forward).parameters
 
     # --- requests -----------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
@@ -119,10 +123,12 @@ class Engine:
         if self.prefetch:
             self._prefetch()
         if not running:
+            self._last = None  # nothing left to decode: drop the batched cache
             return events
         try:
             events += self._forward(running)
         except Exception as e:  # noqa: BLE001 - a failed step must not kill the engine; fail its requests
+            self._last = None
             with self._lock:
                 events += [self._finish(s, None, f"error: {type(e).__name__}: {e}") for s in running]
                 self.counters["errors"] += len(running)
@@ -211,22 +217,41 @@ class Engine:
         order = sorted(running, key=lambda s: (slot_of.get(s.req.adapter, -1), s.arrived))
         with torch.inference_mode():
             slots = self._slot_table(names)
-            batch: Batch = build_batch([(s.tokens[s.cached:], s.kv) for s in order], self._device())
-            out = self.model.forward([slot_of.get(s.req.adapter, -1) for s in order], slots, **batch.kwargs)
-            last = out.logits[torch.arange(len(order)), batch.last_index]  # (B, V)
-            next_ids = last.argmax(-1).tolist()
-            kvs = split_cache(out.past_key_values, batch)
+            batch = self._batch(order)
+            kwargs = batch.kwargs if self._keeps_logits else {k: v for k, v in batch.kwargs.items()
+                                                              if k != "logits_to_keep"}
+            out = self.model.forward([slot_of.get(s.req.adapter, -1) for s in order], slots, **kwargs)
+            index = torch.zeros_like(batch.last_index) if self._keeps_logits else batch.last_index
+            next_ids = out.logits[torch.arange(len(order)), index].argmax(-1).tolist()  # (B,) from (B, V)
+        self._last = (order, batch, out.past_key_values)
         events = []
         with self._lock:
-            for seq, token, kv in zip(order, next_ids, kvs, strict=True):
+            for seq, token in zip(order, next_ids, strict=True):
                 if seq.cached == 0:
                     self.counters["prefill_tokens"] += len(seq.tokens)
-                seq.cached, seq.kv = len(seq.tokens), kv
+                seq.cached = len(seq.tokens)
                 seq.tokens.append(token)
                 seq.generated += 1
                 self.counters["generated_tokens"] += 1
                 events.append(self._event(seq, token))
         return events
+
+    def _batch(self, order: list[_Seq]) -> Batch:
+        """This step's batch: the last forward's cache reused in steady decode, else rebuilt from its rows."""
+        kv_of = {}
+        if self._last is not None:
+            rows, prev, cache = self._last
+            where = {id(s): i for i, s in enumerate(rows)}
+            keep = [where.get(id(s)) for s in order]
+            if prev.aligned and all(b is not None and len(s.tokens) - s.cached == 1 and prev.lengths[b] == s.cached
+                                    for s, b in zip(order, keep, strict=True)):
+                return decode_batch(prev, cache, keep, [s.tokens[-1] for s in order])
+            kvs = split_cache(cache, prev)  # views; build_batch copies them into the new layout
+            kv_of = {id(s): kvs[i] for i, s in enumerate(rows) if prev.lengths[i] == s.cached}
+        for s in order:
+            if s.cached and id(s) not in kv_of:
+                s.cached = 0  # no cache for it (cannot happen in normal operation): prefill it again
+        return build_batch([(s.tokens[s.cached:], kv_of.get(id(s), [])) for s in order], self._device())
 
     def _event(self, seq: _Seq, token: int) -> TokenEvent:
         if seq.req.request_id in self._aborted:

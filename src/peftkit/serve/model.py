@@ -34,9 +34,10 @@ _TOKEN_WISE = ("linear", "conv1d_transposed")
 
 
 class ServingModel:
-    """Wraps a HF causal LM (`model`, frozen, eval) for serving; `backend` picks the op ("segment" default)."""
+    """Wraps a HF causal LM (`model`, frozen, eval) for serving; `backend` picks the op ("auto" default:
+    segment for few adapters per forward, grouped GEMM for many)."""
 
-    def __init__(self, model: nn.Module, *, backend: str = "segment", dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, *, backend: str = "auto", dtype: torch.dtype | None = None) -> None:
         if backend not in BACKENDS:
             raise ConfigError("backend", f"unknown op back end {backend!r}; use one of {BACKENDS}")
         self.model = model.eval().requires_grad_(False)
