@@ -16,7 +16,7 @@ from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
 from . import rank_budget as rb
-from .lora import _check_alpha, _check_rank, adapter_dtype
+from .common import adapter_dtype, check_alpha, check_rank
 
 __all__ = ["AdaLoraConfig", "AdaLoraAdapter"]
 
@@ -50,9 +50,9 @@ class AdaLoraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
-        _check_rank("init_r", self.init_r)
-        _check_alpha("lora_alpha", self.lora_alpha)
+        check_rank("r", self.r)
+        check_rank("init_r", self.init_r)
+        check_alpha("lora_alpha", self.lora_alpha)
         rb.check_int("target_r", self.target_r, 0, self.init_r)
         if not isinstance(self.total_step, int) or isinstance(self.total_step, bool) or self.total_step <= 0:
             raise ConfigError("total_step", "AdaLoRA's budget schedule needs the number of training steps; pass "

@@ -19,8 +19,6 @@ from .inits import check_lora_ga_config, init_factors, parse_init
 
 __all__ = ["LoraConfig", "LoraAdapter", "MAX_RANK", "adapter_dtype"]
 
-_check_rank, _check_alpha = check_rank, check_alpha  # transitional names; new code imports them from .common
-
 @register_config
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig(AdapterConfig):

@@ -77,13 +77,13 @@ class ShearsConfig(LoraConfig):
                 raise ConfigError("shears_rank_choices", f"must be a non-empty list of ranks, got {choices!r}")
             self._set("shears_rank_choices", tuple(choices))
             for k in choices:
-                self._check_rank("shears_rank_choices", k)
+                self.check_rank("shears_rank_choices", k)
         if self.shears_eval_rank is not None:
-            self._check_rank(EVAL_FIELD, self.shears_eval_rank)
+            self.check_rank(EVAL_FIELD, self.shears_eval_rank)
         for key, k in self.shears_rank_pattern.items():
-            self._check_rank(f"shears_rank_pattern[{key!r}]", k)
+            self.check_rank(f"shears_rank_pattern[{key!r}]", k)
 
-    def _check_rank(self, name: str, k: Any) -> None:
+    def check_rank(self, name: str, k: Any) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.r:
             raise ConfigError(name, f"ranks must be integers in [1, r={self.r}] (nested slices of the super-adapter), "
                                     f"got {k!r}")
@@ -153,7 +153,7 @@ class ShearsAdapter(LoraAdapter):
 
     def set_eval_rank(self, k: int) -> None:
         """Pick this module's sub-adapter (a search result); it is saved with the adapter."""
-        self.config._check_rank(EVAL_FIELD, k)
+        self.config.check_rank(EVAL_FIELD, k)
         self.eval_rank = k
 
     def calibrate(self, stats: dict[str, Tensor]) -> None:

@@ -17,7 +17,7 @@ from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
 from . import rank_budget as rb
-from .lora import _check_alpha, _check_rank, adapter_dtype
+from .common import adapter_dtype, check_alpha, check_rank
 
 __all__ = ["TriAdaptLoraConfig", "TriAdaptLoraAdapter", "tri_matrix"]
 
@@ -48,8 +48,8 @@ class TriAdaptLoraConfig(AdapterConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
         rb.check_int("target_rank", self.target_rank, self.r)
         for name, low in (("total_step", 1), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
             rb.check_int(name, getattr(self, name), low)
@@ -61,7 +61,7 @@ class TriAdaptLoraConfig(AdapterConfig):
         rb.check_beta("beta", self.beta)
         rb.check_number("lora_dropout", self.lora_dropout, 0, 1)
         for key, value in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            check_rank(f"rank_pattern[{key!r}]", value)
 
     def rank_of(self, path: str) -> int:
         return self.rank_pattern.get(path, self.r)
