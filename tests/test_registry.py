@@ -38,3 +38,22 @@ def test_config_fields_have_defaults(name):
 def test_unknown_method():
     with pytest.raises(UnknownMethodError):
         peftkit.get_method("nope")
+
+
+def _methods_index_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "methods_index.py"
+    spec = importlib.util.spec_from_file_location("methods_index", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_method_has_a_docs_page_and_the_index_is_current():
+    index = _methods_index_module()
+    for name in peftkit.method_names():
+        page = index.INDEX.parent / (peftkit.get_method(name).adapter_cls.__module__.rsplit(".", 1)[-1] + ".md")
+        assert page.is_file(), f"{name}: no docs page {page.name}"
+    assert index.INDEX.read_text() == index.render(), "docs/methods/README.md is stale: run scripts/methods_index.py"
