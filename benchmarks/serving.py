@@ -11,7 +11,7 @@ Sections (each returns a dict into the JSON and prints a table):
                 segment and gather back ends and for peft's LoRA layer with `adapter_names=` (its mixed batch).
                 The routing plan (sort + segments) is built once per forward and shared by every layer, so it
                 is timed apart (plan_s) rather than charged to each layer. Base and back ends are timed
-                interleaved round by round (best of 3 calls each); a ratio is the median over rounds.
+                interleaved round by round (best of 5 calls each); a ratio is the median over rounds.
   e2e           the engine on a tiny Llama: 32 requests (prompt 16, 32 new tokens, greedy), N distinct adapters in
                 {1, 8, 32}; tokens/s and the ratio to the same engine serving the base model only (runs
                 interleaved round by round, ratios paired per round). peft side by side:
@@ -142,7 +142,7 @@ OP_BACKENDS = ("segment", "gather", "auto")
 
 def _paired_ratios(fns: dict, repeats: int) -> dict:
     """Each fn's time over fns["base"], timed interleaved round by round (a loaded machine drifts): the median
-    over rounds of each round's ratio. Each round times every fn `inner` times back to back and keeps the best."""
+    over rounds of each round's ratio. Each round times every fn 5 times back to back and keeps the best."""
     for fn in fns.values():
         fn()  # warm-up (plans, stacks)
     ratios: dict[str, list[float]] = {name: [] for name in fns if name != "base"}
@@ -150,7 +150,7 @@ def _paired_ratios(fns: dict, repeats: int) -> dict:
         best = {}
         for name, fn in fns.items():
             times = []
-            for _ in range(3):
+            for _ in range(5):
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)

@@ -8,6 +8,7 @@ from torch import nn
 
 from peftkit.core.adapter import LowRank
 from peftkit.core.layers import ops_for
+from peftkit.serve import ops as ops_mod
 from peftkit.serve.ops import BACKENDS, RoutingPlan, Slots, adapter_op
 from peftkit.serve.workloads import WORKLOADS, sample_adapters
 
@@ -55,9 +56,16 @@ def _check_all(layer, x, plan, slots):
     return expected
 
 
+@pytest.fixture(params=["padded", "per-token"])
+def fallback_path(request, monkeypatch):
+    """Where grouped GEMM cannot run (float64 here), `gather` pads segments for bmm or gathers per token."""
+    monkeypatch.setattr(ops_mod, "PAD_WASTE_FALLBACK", 10 ** 9 if request.param == "padded" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("kinds", [("lora",), ("lora", "dora", "bias", "ia3")])
-def test_backends_equal_reference_on_workloads(workload, kinds):
+def test_backends_equal_reference_on_workloads(workload, kinds, fallback_path):
     g = torch.Generator().manual_seed(1)
     n_adapters, tokens = 6, 24
     slots = _slots(g, n_adapters, kinds)
@@ -72,7 +80,7 @@ def test_backends_equal_reference_on_workloads(workload, kinds):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_weighted_pairs_per_token(bias):
+def test_weighted_pairs_per_token(bias, fallback_path):
     """K adapters per token with weights (fusion, mixtures): the weighted sum of contributions."""
     g = torch.Generator().manual_seed(2)
     slots = _slots(g, 5, ("lora", "dora"))
@@ -154,6 +162,13 @@ def _aligned_slots(g: torch.Generator, n: int, kinds=("lora",), ranks=(4, 8, 16)
     return Slots(per_slot)
 
 
+@pytest.fixture(params=["grouped", "padded"])
+def fast_path(request, monkeypatch):
+    """Where grouped GEMM can run, `gather` uses it or, when padding wastes little, a padded bmm."""
+    monkeypatch.setattr(ops_mod, "PAD_WASTE", 0 if request.param == "grouped" else 10 ** 9)
+    return request.param
+
+
 def _count_grouped(monkeypatch) -> list[int]:
     calls = []
     real = torch._grouped_mm
@@ -169,7 +184,7 @@ def _count_grouped(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("workload", WORKLOADS)
 @pytest.mark.parametrize("kinds", [("lora",), ("lora", "dora", "bias")])
 @pytest.mark.parametrize("scales", [None, (2.0,)])
-def test_grouped_gemm_path_equals_reference(monkeypatch, workload, kinds, scales):
+def test_grouped_gemm_path_equals_reference(monkeypatch, workload, kinds, scales, fast_path):
     """Mixed ranks (one grouped GEMM pair per rank), base rows, shuffled routing, sparse slot use."""
     g = torch.Generator().manual_seed(7)
     slots = _aligned_slots(g, 40, kinds, scales=scales)
@@ -182,10 +197,10 @@ def test_grouped_gemm_path_equals_reference(monkeypatch, workload, kinds, scales
     calls = _count_grouped(monkeypatch)
     for backend in ("gather", "auto", "segment"):
         torch.testing.assert_close(_run(backend, layer, x, plan, slots), ref, atol=1e-4, rtol=1e-5)
-    assert calls, "the grouped GEMM path did not run"
+    assert bool(calls) == (fast_path == "grouped"), "the grouped GEMM path must run exactly when chosen"
 
 
-def test_grouped_gemm_weighted_pairs_and_grouped_rows(monkeypatch):
+def test_grouped_gemm_weighted_pairs_and_grouped_rows(monkeypatch, fast_path):
     g = torch.Generator().manual_seed(8)
     slots = _aligned_slots(g, 6, ("lora", "dora"))
     layer = nn.Linear(A_IN, A_OUT)
@@ -195,21 +210,30 @@ def test_grouped_gemm_weighted_pairs_and_grouped_rows(monkeypatch):
                  RoutingPlan.from_rows([0, 1, 2, 3, 4], tokens_per_row=4)):  # identity order: no gather/scatter
         ref = _run("reference", layer, x, plan, slots)
         torch.testing.assert_close(_run("gather", layer, x, plan, slots), ref, atol=1e-4, rtol=1e-5)
-    assert calls
+    assert bool(calls) == (fast_path == "grouped")
 
 
-def test_auto_keeps_segment_for_few_segments(monkeypatch):
+@pytest.mark.parametrize("rows, expected", [
+    ([1] * 6 + [2] * 6, "segment"),  # few segments
+    (list(range(4)) * 3, "gather"),  # many short segments (decode with distinct adapters)
+    (sorted(list(range(4)) * 20), "segment"),  # many long segments (prefill)
+])
+def test_auto_picks_by_segment_count_and_length(monkeypatch, rows, expected):
     g = torch.Generator().manual_seed(9)
     slots = _aligned_slots(g, 4)
     layer = nn.Linear(A_IN, A_OUT)
-    x = torch.randn(12, A_IN, generator=g)
-    calls = _count_grouped(monkeypatch)
-    plan = RoutingPlan(torch.tensor([1] * 6 + [2] * 6))
-    torch.testing.assert_close(_run("auto", layer, x, plan, slots), _run("reference", layer, x, plan, slots))
-    assert not calls
+    x = torch.randn(len(rows), A_IN, generator=g)
+    plan = RoutingPlan(torch.tensor(rows))
+    ref = _run("reference", layer, x, plan, slots)
+    used = []
+    for name in ("_segment", "_gather"):
+        real = getattr(ops_mod, name)
+        monkeypatch.setattr(ops_mod, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    torch.testing.assert_close(_run("auto", layer, x, plan, slots), ref, atol=1e-4, rtol=1e-5)
+    assert used == [f"_{expected}"]
 
 
-def test_grouped_gemm_over_sparse_slot_use(monkeypatch):
+def test_grouped_gemm_over_sparse_slot_use(monkeypatch, fast_path):
     """Few used slots far apart in a big table: the grouped GEMM runs over the used members only."""
     g = torch.Generator().manual_seed(10)
     slots = _aligned_slots(g, 40, ranks=(8,))
@@ -219,4 +243,5 @@ def test_grouped_gemm_over_sparse_slot_use(monkeypatch):
     calls = _count_grouped(monkeypatch)
     got = _run("gather", layer, x, plan, slots)
     torch.testing.assert_close(got, _run("reference", layer, x, plan, slots), atol=1e-4, rtol=1e-5)
-    assert calls and isinstance(plan.group(0, slots.stacks("layer")[0]).members, torch.Tensor)
+    assert bool(calls) == (fast_path == "grouped")
+    assert isinstance(plan.group(0, slots.stacks("layer")[0]).members, torch.Tensor)

@@ -31,10 +31,13 @@ from torch import Tensor
 from ..core.adapter import LowRank
 from ..core.layers import LayerOps
 
-__all__ = ["AUTO_MIN_SEGMENTS", "BACKENDS", "RoutingPlan", "Slots", "adapter_op"]
+__all__ = ["AUTO_MAX_SEGMENT_ROWS", "AUTO_MIN_SEGMENTS", "BACKENDS", "RoutingPlan", "Slots", "adapter_op"]
 
 BACKENDS = ("reference", "segment", "gather", "auto")
-AUTO_MIN_SEGMENTS = 3  # `auto` uses grouped GEMM from this many segments in a pair column on
+AUTO_MIN_SEGMENTS = 3  # `auto` uses `gather` from this many segments in a pair column on ...
+AUTO_MAX_SEGMENT_ROWS = 16  # ... while segments average at most this many rows (measured: benchmarks/serving.py)
+PAD_WASTE = 3  # padded bmm (one kernel per factor) while the padded rows are at most this many times the real
+PAD_WASTE_FALLBACK = 8  # the same where grouped GEMM cannot run (the alternative copies factors per token)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TOKEN_WISE = ("linear", "conv1d_transposed")
 
@@ -55,6 +58,21 @@ class _Group:
     members: slice | Tensor  # the stack members the grouped GEMM runs over: a range (a view) or picked (a copy)
     offs: Tensor  # (G,) int32 end offset of each of those members' segments (grouped GEMM)
     weight: Tensor | None  # (n, 1) pair weights, None = all 1
+    padded_rows: int  # G * L: rows of the padded layout, L the longest segment
+    _pad: tuple[Tensor, Tensor] | None = None
+
+    def pad(self, tokens: int) -> tuple[Tensor, Tensor]:
+        """The padded layout (G segments of L rows, for bmm): (G*L,) token index per padded row (padding rows
+        repeat a real token; their results are dropped) and (n,) the padded position of each group row."""
+        if self._pad is None:
+            counts = torch.diff(self.offs, prepend=self.offs.new_zeros(1)).long()  # (G,)
+            length = self.padded_rows // len(counts)
+            pos = torch.arange(length, device=counts.device)  # (L,)
+            valid = pos[None, :] < counts[:, None]  # (G, L)
+            src = torch.where(valid, (self.offs.long() - counts)[:, None] + pos[None, :], 0).flatten()  # (G*L,)
+            rows = self.rows if self.rows is not None else torch.arange(tokens, device=counts.device)
+            self._pad = rows[src], torch.nonzero(valid.flatten()).squeeze(1)
+        return self._pad
 
 
 class RoutingPlan:
@@ -140,7 +158,8 @@ class RoutingPlan:
         members = slice(lo, hi) if hi - lo <= 8 * len(used) else used
         offs = counts[members].cumsum(0).to(torch.int32)  # (G,)
         w = None if self.weights is None else self.weights[order[keep], k][:, None]  # (n, 1)
-        return _Group(rows, local, members, offs, w)
+        padded = len(offs) * int(counts.max())
+        return _Group(rows, local, members, offs, w, padded)
 
 
 class Slots:
@@ -185,13 +204,11 @@ class _Stack:
     uniform_scale: float | None  # the one scale every member shares, if they do
     out_scale: Tensor | None  # (S, out), ones for slots without one
     bias: Tensor | None  # (S, out), zeros for slots without one
+    grouped: bool = False  # can torch._grouped_mm run on these factors (dtype, 16-byte aligned rows)?
 
-    @property
-    def grouped(self) -> bool:
-        """Can torch._grouped_mm run on these factors (dtype, 16-byte aligned rows)?"""
-        size = self.at.element_size()
-        dims = (self.at.shape[1], self.at.shape[2], self.bt.shape[2])
-        return self.at.dtype in _GROUPED_DTYPES and all(d * size % 16 == 0 for d in dims) and self.at.shape[2] > 0
+    def __post_init__(self) -> None:
+        size, dims = self.at.element_size(), (self.at.shape[1], self.at.shape[2], self.bt.shape[2])
+        self.grouped = self.at.dtype in _GROUPED_DTYPES and all(d * size % 16 == 0 for d in dims) and dims[1] > 0
 
 
 def _build_stacks(lows: list[LowRank | None]) -> list[_Stack]:
@@ -246,8 +263,10 @@ def adapter_op(backend: str, ops: LayerOps, key: str, x: Tensor, y: Tensor, plan
 
 
 def _auto_grouped(plan: RoutingPlan, slots: Slots, key: str, x: Tensor) -> bool:
-    """Grouped GEMM pays off from AUTO_MIN_SEGMENTS segments on, where it can run (never the bmm fallback)."""
-    if max(len(column) for column in plan.segments()) < AUTO_MIN_SEGMENTS:
+    """`gather` for many short segments (where grouped GEMM can run, so never its slow fallback); `segment`
+    for few or long ones (slices of x and y, no copies)."""
+    segments = max(len(column) for column in plan.segments())
+    if segments < AUTO_MIN_SEGMENTS or plan.tokens > AUTO_MAX_SEGMENT_ROWS * segments:
         return False
     return _grouped_device(x) and all(st.grouped for st in slots.stacks(key))
 
@@ -318,8 +337,7 @@ def _gather(x: Tensor, y: Tensor, z: Tensor | None, plan: RoutingPlan, stacks: l
             grp = plan.group(k, st)
             if grp is None:
                 continue
-            xs = x if grp.rows is None else x.index_select(0, grp.rows)  # (n, in) in slot order
-            d = _stack_delta(st, xs.to(st.at.dtype), grp)  # (n, out) = s B A x per row
+            d = _stack_delta(st, x, grp)  # (n, out) = s B A x per row, rows in slot order
             if st.bias is not None:
                 d = d + st.scale[grp.local] * st.bias[grp.local]
             if st.out_scale is not None:
@@ -334,13 +352,23 @@ def _gather(x: Tensor, y: Tensor, z: Tensor | None, plan: RoutingPlan, stacks: l
     return y
 
 
-def _stack_delta(st: _Stack, xs: Tensor, grp: _Group) -> Tensor:
-    """(n, in) rows in slot order -> (n, out) s B A x, each row with its own slot's factors."""
-    scale = st.uniform_scale if st.uniform_scale is not None else st.scale[grp.local]  # float or (n, 1)
-    if st.grouped and _grouped_device(xs):
-        xs = xs.contiguous()
+def _stack_delta(st: _Stack, x: Tensor, grp: _Group) -> Tensor:
+    """(N, in) layer input -> (n, out) s B A x for the group's rows in slot order, each with its own slot's
+    factors: padded bmm when padding wastes little (fewest kernels), else grouped GEMM, else per-token bmm."""
+    grouped = st.grouped and _grouped_device(x)
+    n = len(grp.local)
+    if grp.padded_rows <= (PAD_WASTE if grouped else PAD_WASTE_FALLBACK) * n:
+        src, real = grp.pad(x.shape[0])
         at, bt = st.at[grp.members], st.bt[grp.members]  # (G, in, r), (G, r, out)
-        h = torch._grouped_mm(xs, at, offs=grp.offs).mul_(scale)  # (n, r): per segment x A^T
+        xp = x.index_select(0, src).to(at.dtype).view(at.shape[0], -1, at.shape[1])  # (G, L, in)
+        h = torch.bmm(xp, at)  # (G, L, r)
+        h = h.mul_(st.uniform_scale if st.uniform_scale is not None else st.scale[grp.members][:, :, None])
+        return torch.bmm(h, bt).flatten(0, 1).index_select(0, real)  # (n, out) from (G, L, out)
+    xs = (x if grp.rows is None else x.index_select(0, grp.rows)).to(st.at.dtype)  # (n, in) in slot order
+    scale = st.uniform_scale if st.uniform_scale is not None else st.scale[grp.local]  # float or (n, 1)
+    if grouped:
+        at, bt = st.at[grp.members], st.bt[grp.members]  # (G, in, r), (G, r, out)
+        h = torch._grouped_mm(xs.contiguous(), at, offs=grp.offs).mul_(scale)  # (n, r): per segment x A^T
         return torch._grouped_mm(h, bt, offs=grp.offs)  # (n, out): per segment h B^T
     h = torch.bmm(xs[:, None, :], st.at[grp.local]).squeeze(1) * scale  # (n, r): factors gathered per token
     return torch.bmm(h[:, None, :], st.bt[grp.local]).squeeze(1)  # (n, out)
