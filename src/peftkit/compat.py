@@ -138,15 +138,15 @@ class PeftModel(AdapterModel):
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is None:
-            return self.model(*args, **kwargs)
+            return super().forward(*args, **kwargs)
         with self.routed(adapter_names):
-            return self.model(*args, **kwargs)
+            return super().forward(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **self.transformed_inputs(kwargs))
         with self.routed(adapter_names):
-            return self.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **self.transformed_inputs(kwargs))
 
 
 def _forward_with_base_signature(model: PeftModel):

@@ -227,3 +227,18 @@ def test_peftkit_writes_peft_loads(tmp_path) -> None:
         oracle = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama()), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(oracle(**_batch()).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_facade_forward_and_generate_use_the_prompt() -> None:
+    """PeftModel (what `peftkit train` wraps) runs the input transform in forward and generate."""
+    model = peftkit.get_peft_model(tiny_llama(), PromptTuningConfig(num_virtual_tokens=N))
+    with torch.no_grad():
+        _adapter(model).prompt_embeddings.normal_()
+        ids = token_ids(batch=1)
+        plain = AdapterModel(tiny_llama())  # the same base, no adapter
+        expected = _wrapped()
+        _adapter(expected).prompt_embeddings.copy_(_adapter(model).prompt_embeddings)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+        assert not torch.allclose(model(input_ids=ids).logits[:, -1], plain(input_ids=ids).logits[:, -1])
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 3)  # decoder-only generate from inputs_embeds returns the new tokens only

@@ -304,6 +304,10 @@ class AdapterModel(nn.Module):
         return ParamReport(trainable, total)
 
     def forward(self, *args, **kwargs):
+        return self.model(*args, **self.transformed_inputs(kwargs))
+
+    def transformed_inputs(self, kwargs: dict) -> dict:
+        """The model's keyword arguments after active input-rewriting adapters (soft prompts) ran."""
         for name, host in self._input_transforms:
             if host.disabled:
                 continue
@@ -311,7 +315,7 @@ class AdapterModel(nn.Module):
                 raise MergeError(f"adapter {name!r} rewrites the model inputs (soft prompts) and cannot be mixed "
                                  "per row with adapter_names=; run its rows in a batch of their own")
             kwargs = host.adapters[name].transform_inputs(kwargs)
-        return self.model(*args, **kwargs)
+        return kwargs
 
 
 def _sync_optimizer(optimizer: torch.optim.Optimizer, live: list[nn.Parameter]) -> bool:

@@ -13,6 +13,7 @@ dataclass, so the CLI, YAML and Python build the same objects.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,22 @@ def build_recipe(data: dict[str, Any]) -> Recipe:
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """The recipe at `path` (the embedded default when None), with dotted overrides applied."""
     data = _read_yaml(Path(path) if path else DEFAULT_RECIPE_PATH)
-    return build_recipe(apply_overrides(data, overrides or {}))
+    overrides = overrides or {}
+    if "adapter.method" in overrides and isinstance(data.get("adapter"), dict):
+        data["adapter"] = _fields_for_method(data["adapter"], overrides["adapter.method"])
+    return build_recipe(apply_overrides(data, overrides))
+
+
+def _fields_for_method(adapter: dict[str, Any], method: str) -> dict[str, Any]:
+    """A recipe's adapter section when the command line switches the method: the recipe's fields the new method's
+    config has are kept, the others are dropped (with a note on stderr) instead of failing validation."""
+    if adapter.get("method") == method:
+        return adapter
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    dropped = sorted(k for k in adapter if k != "method" and k not in fields)
+    if dropped:
+        print(f"note: recipe adapter fields {dropped} do not apply to method {method!r}; dropped", file=sys.stderr)
+    return {k: v for k, v in adapter.items() if k == "method" or k in fields}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
