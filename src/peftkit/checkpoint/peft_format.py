@@ -25,7 +25,8 @@ from ..core.model import AdapterModel
 from ..errors import CheckpointError, CorruptCheckpointError, NonFiniteWeightError, ShapeMismatchError
 from .config_json import config_from_json, config_to_json
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "adapter_state", "save_adapter", "read_adapter", "load_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "adapter_state", "save_adapter", "read_adapter", "load_adapter",
+           "restore_adapter_state"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -236,6 +237,41 @@ def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     model.commit_adapter(p, active=active, trainable=trainable)
     _load_extras(model, p, tensors)
     return config
+
+
+def restore_adapter_state(model: AdapterModel, name: str, tensors: dict[str, Tensor]) -> None:
+    """Copy a saved adapter's tensors (already checked to match the live adapter's keys and shapes) into live
+    adapter `name`, buffers included, and move the base weight by any change of its `init_delta` (a resumed run
+    whose method folded updates into the base or holds masks outside the trained parameters)."""
+    layers = {p: h for p, h in model.hosts() if isinstance(h, AdaptedLayer) and name in h.adapters}
+    with torch.no_grad():
+        for path, host in layers.items():
+            adapter = host.adapters[name]
+            for pname, suffix in adapter.disk_names().items():
+                getattr(adapter, pname).copy_(tensors[f"{PREFIX}{path}.{suffix}"])
+        for key, (adapter, attr) in _shared_keys(a.adapters[name] for a in layers.values()).items():
+            getattr(adapter, attr).copy_(tensors[key])
+    for path, host in layers.items():
+        _reload_shift(host, host.adapters[name], {s: tensors[f"{PREFIX}{path}.{s}"] for s in
+                                                  host.adapters[name].optional_disk_names()
+                                                  if f"{PREFIX}{path}.{s}" in tensors})
+
+
+def _reload_shift(host: AdaptedLayer, adapter, optional: dict[str, Tensor]) -> None:
+    """Run the load hooks as for an adapter joining the model (they see the original base), then make the base
+    hold W - init_delta again; bit for bit the old base when init_delta did not change."""
+    before = adapter.init_delta
+    kept = host.ops.weight2d().detach().clone() if before is not None else None
+    if before is not None:
+        host.shift_base_by(before)  # the original base W
+    if optional:
+        adapter.load_optional(optional)
+    adapter.after_load()
+    after = adapter.init_delta
+    if before is not None and after is not None and torch.equal(before, after):
+        host.ops.set_weight2d(kept)
+    elif after is not None:
+        host.shift_base_by(-after)
 
 
 def _load_extras(model: AdapterModel, p: Plan, tensors: dict[str, Tensor]) -> None:

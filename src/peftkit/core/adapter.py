@@ -197,6 +197,17 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         `transforms_inputs`), e.g. prepend soft-prompt embeddings and extend attention_mask and labels."""
         return kwargs
 
+    def train_state(self) -> dict[str, Tensor]:
+        """Training state that is not part of the saved adapter but a resumed run needs to continue exactly
+        (importance averages, gradient statistics). Default: the non-persistent buffers. Training checkpoints
+        store it; methods keeping such state elsewhere override this and `load_train_state`."""
+        return {n: b for n, b in self.named_buffers(recurse=False) if n in self._non_persistent_buffers_set}
+
+    def load_train_state(self, state: dict[str, Tensor]) -> None:
+        """Restore what `train_state` returned (same keys; shapes checked by the caller)."""
+        for name, value in state.items():
+            self.register_buffer(name, value.to(getattr(self, name)), persistent=False)
+
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and clipping, before optimizer step `step` (gradient masks)."""
 

@@ -66,7 +66,7 @@ class AdaptedLayer(nn.Module):
     def add(self, name: str, adapter: Adapter) -> None:
         adapter.train(self.training)  # a new adapter follows the model's train/eval mode
         if adapter.init_delta is not None:
-            self._shift_base(-adapter.init_delta)  # W_res = W - init part (PiSSA-style inits)
+            self.shift_base_by(-adapter.init_delta)  # W_res = W - init part (PiSSA-style inits)
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
@@ -74,11 +74,12 @@ class AdaptedLayer(nn.Module):
             raise MergeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
         adapter = self.adapters[name]
         if adapter.init_delta is not None:
-            self._shift_base(adapter.init_delta)
+            self.shift_base_by(adapter.init_delta)
         del self.adapters[name]
         self.active = tuple(n for n in self.active if n != name)
 
-    def _shift_base(self, delta2d: Tensor) -> None:
+    def shift_base_by(self, delta2d: Tensor) -> None:
+        """W += delta2d (out, in_flat): an adapter's init_delta changed outside add/remove (a restored checkpoint)."""
         w = self.ops.weight2d()
         self.ops.set_weight2d(w.float() + delta2d.to(w.device))
 

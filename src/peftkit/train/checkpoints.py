@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from ..checkpoint import adapter_state, read_adapter, save_adapter
+from ..checkpoint import adapter_state, read_adapter, restore_adapter_state, save_adapter
 from ..core.model import AdapterModel
 from ..errors import CheckpointError, CorruptCheckpointError, ShapeMismatchError
 
@@ -36,6 +36,7 @@ __all__ = ["FORMAT_VERSION", "list_checkpoints", "load_checkpoint", "prune_check
 
 FORMAT_VERSION = 1
 PARAMS, OPTIMIZER, STATE = "params.safetensors", "optimizer.safetensors", "trainer_state.json"
+ADAPTER_STATE = "adapter_train_state.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _REQUIRED = ("param_names", "optimizer", "scheduler", "rng", "step", "epoch", "batch_index")
 
@@ -51,6 +52,35 @@ def save_adapters(model: AdapterModel, directory: str | os.PathLike) -> Path:
     for name in model.trainable:
         save_adapter(model, _adapter_dir(directory, name), name)
     return directory
+
+
+def _adapter_train_states(model: AdapterModel) -> dict[str, Tensor]:
+    """{"<adapter>|<layer path>|<key>": tensor} of every trainable adapter's `train_state()`."""
+    out = {}
+    for path, host in model.hosts():
+        for name in model.trainable:
+            adapters = getattr(host, "adapters", {})  # module copies (ModulesToSave) hold no adapter
+            for key, t in (adapters[name].train_state() if name in adapters else {}).items():
+                out[f"{name}|{path}|{key}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _load_adapter_train_states(where: Path, model: AdapterModel, saved: dict[str, Tensor]) -> None:
+    live = _adapter_train_states(model)
+    if set(saved) != set(live):
+        diff = sorted(set(saved) ^ set(live))
+        raise CorruptCheckpointError(f"{where}: adapter training state differs from the model's ({diff[:3]}); build "
+                                     "the model and adapters exactly as in the interrupted run")
+    for key, t in saved.items():
+        if t.shape != live[key].shape:
+            raise ShapeMismatchError(f"{where}: {key} has shape {tuple(t.shape)}, the model has "
+                                     f"{tuple(live[key].shape)}")
+    by_layer: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for key, t in saved.items():
+        name, path, field = key.split("|")
+        by_layer.setdefault((name, path), {})[field] = t
+    for (name, path), state in by_layer.items():
+        model.model.get_submodule(path).adapters[name].load_train_state(state)
 
 
 # --- RNG ----------------------------------------------------------------------------------------------------
@@ -155,6 +185,7 @@ def save_checkpoint(directory: str | os.PathLike, model: AdapterModel, params: l
     tmp.mkdir()
     save_adapters(model, tmp / "adapter")
     _write(tmp / PARAMS, st_save({n: p.detach().to("cpu").contiguous() for n, p in params}))
+    _write(tmp / ADAPTER_STATE, st_save(_adapter_train_states(model)))
     tensors, optim_json = _optimizer_parts(optimizer)
     _write(tmp / OPTIMIZER, st_save(tensors))
     state = {"format": FORMAT_VERSION, "param_names": [n for n, _ in params], "optimizer": optim_json,
@@ -222,23 +253,30 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 def _check_params(where: Path, state: dict[str, Any], saved: dict[str, Tensor],
                   params: list[tuple[str, nn.Parameter]]) -> None:
     names = [n for n, _ in params]
+    hint = ("build the model and adapters exactly as in the interrupted run; if a method changed its ranks in "
+            "training (pruning, growth), load the checkpoint's adapter instead: load_adapter(model, "
+            f"'{where / 'adapter'}', trainable=True)")
     if state["param_names"] != names or set(saved) != set(names):
         diff = sorted(set(state["param_names"]) ^ set(names))
         raise CheckpointError(f"{where}: the checkpoint was written for other trainable parameters (differing: "
-                              f"{diff[:3]}); build the model and adapters exactly as in the interrupted run")
+                              f"{diff[:3]}); {hint}")
     for name, p in params:
         if saved[name].shape != p.shape:
             raise ShapeMismatchError(f"{where}: {name} has shape {tuple(saved[name].shape)}, the model has "
-                                     f"{tuple(p.shape)}")
+                                     f"{tuple(p.shape)}; {hint}")
 
 
-def _check_adapters(where: Path, model: AdapterModel) -> None:
-    """The PEFT adapter dirs must be readable and hold exactly the live adapters' keys and shapes."""
+def _check_adapters(where: Path, model: AdapterModel) -> dict[str, dict[str, Tensor]]:
+    """The PEFT adapter dirs must be readable; returns the tensors of those holding exactly the live adapters'
+    keys and shapes (buffers and base shifts are restored from them). A saved adapter may legitimately differ:
+    methods that mask ranks in training save only the kept ones; their state is in params and train state."""
+    out = {}
     for name in model.trainable:
         _, tensors = read_adapter(_adapter_dir(where / "adapter", name))
         live = adapter_state(model, name)
-        if {k: t.shape for k, t in tensors.items()} != {k: t.shape for k, t in live.items()}:
-            raise CorruptCheckpointError(f"{where}: adapter {name!r} does not match the model's adapter")
+        if {k: t.shape for k, t in tensors.items()} == {k: t.shape for k, t in live.items()}:
+            out[name] = tensors
+    return out
 
 
 def load_checkpoint(directory: str | os.PathLike, model: AdapterModel, params: list[tuple[str, nn.Parameter]],
@@ -254,14 +292,18 @@ def load_checkpoint(directory: str | os.PathLike, model: AdapterModel, params: l
     state = _read_json(where / STATE)
     saved, optim_tensors = _read_tensors(where / PARAMS), _read_tensors(where / OPTIMIZER)
     _check_params(where, state, saved, params)
-    _check_adapters(where, model)
+    adapters = _check_adapters(where, model)
     try:
         _load_optimizer(optimizer, optim_tensors, state["optimizer"])
         _load_scheduler(scheduler, state["scheduler"])
     except (KeyError, ValueError, TypeError) as e:
         raise CorruptCheckpointError(f"{where}: optimizer or scheduler state does not fit this run ({e})") from e
+    adapter_states = _read_tensors(where / ADAPTER_STATE) if (where / ADAPTER_STATE).exists() else {}
     with torch.no_grad():
         for name, p in params:
             p.copy_(saved[name])
+        _load_adapter_train_states(where, model, adapter_states)
+    for name, tensors in adapters.items():  # buffers (masks, folded updates) and the base shifts they imply
+        restore_adapter_state(model, name, tensors)
     set_rng_state(state["rng"])
     return state
