@@ -29,6 +29,9 @@ CASES = {
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
                              fan_in_fan_out=True)),
     "mixed": (mixed, dict(target_modules=["fc1", "fc2", "conv"], feedforward_modules=["fc2", "conv"])),
+    # feedforward_modules=None: both libraries take the architecture's FFN output projection (down_proj, c_proj)
+    "llama-ff-preset": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])),
+    "gpt2-ff-preset": (tiny_gpt2, dict(target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True)),
 }
 
 

@@ -73,6 +73,11 @@ class AdapterConfig:
         """The registered method this config builds (a config may select between methods)."""
         return self.method_name
 
+    def for_model(self, model_type: str | None) -> AdapterConfig:
+        """This config with defaults that depend on the architecture filled in (transformers `model_type`, None for
+        other modules); injection builds adapters from it. Most methods have none."""
+        return self
+
     def for_module(self, name: str) -> AdapterConfig:
         """The config that applies to the module at `name` (per-module overrides such as rank_pattern)."""
         return self

@@ -143,6 +143,7 @@ def plan(model: nn.Module, config: AdapterConfig, name: str, routing: Routing, i
     if not targets:
         raise _no_match_error(model, config)
     result = Plan(model, name, config, routing)
+    built = config.for_model(getattr(getattr(model, "config", None), "model_type", None))
     shared: dict = {}
     for path in targets:
         module = model.get_submodule(path)
@@ -153,7 +154,7 @@ def plan(model: nn.Module, config: AdapterConfig, name: str, routing: Routing, i
         else:
             ops = ops_for(module, path)
         ctx = AdapterContext(path, tuple(targets), shared)
-        result.adapters[path] = spec.adapter_cls(ops, config.for_module(path), initialize=initialize, ctx=ctx)
+        result.adapters[path] = spec.adapter_cls(ops, built.for_module(path), initialize=initialize, ctx=ctx)
     result.saved_modules = _saved_module_paths(model, config)
     return result
 

@@ -14,6 +14,7 @@ from ..core.config import AdapterConfig
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
+from ..models.presets import FEEDFORWARD_MODULES
 from .lora import adapter_dtype
 
 __all__ = ["IA3Config", "IA3Adapter"]
@@ -54,6 +55,21 @@ class IA3Config(AdapterConfig):
         for name in ("fan_in_fan_out", "init_ia3_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be True or False, got {getattr(self, name)!r}")
+
+    def for_model(self, model_type: str | None) -> IA3Config:
+        """feedforward_modules=None takes the architecture's FFN output projection (as peft does), kept to the
+        targeted modules."""
+        preset = FEEDFORWARD_MODULES.get(model_type or "")
+        if self.feedforward_modules is not None or not preset:
+            return self
+        targets = self.target_modules
+        keep = tuple(m for m in preset if not isinstance(targets, tuple) or any(t.endswith(m) or m.endswith(t)
+                                                                                  for t in targets))
+        if not keep:
+            return self
+        filled = self.replace()  # a copy; the subset rule is for user-given lists (a preset matches by suffix)
+        filled._set("feedforward_modules", keep)
+        return filled
 
     def is_feedforward(self, path: str) -> bool:
         """peft's IA3Model._check_target_module_feedforward."""

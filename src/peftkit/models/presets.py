@@ -10,6 +10,7 @@ narrower choice (PEFT's own defaults are the query/value projections only).
 from __future__ import annotations
 
 __all__ = [
+    "FEEDFORWARD_MODULES",
     "OUTPUT_HEADS",
     "TARGET_MODULES",
     "UnknownModelTypeError",
@@ -33,6 +34,22 @@ TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "roberta": _BERT_LIKE,
     "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),  # wi_0 / wi_1: gated variants (T5 v1.1, flan-t5)
     "bart": _OPT_LIKE,
+}
+
+# The feed-forward block's output projection (its input is the FFN's hidden activation), per model_type: where
+# activation-scaling methods scale inputs rather than outputs ((IA)^3's feedforward_modules; peft's defaults).
+FEEDFORWARD_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": ("down_proj",),
+    "mistral": ("down_proj",),
+    "qwen2": ("down_proj",),
+    "gemma": ("down_proj",),
+    "gpt2": ("mlp.c_proj",),
+    "gpt_neox": ("dense_4h_to_h",),
+    "opt": ("fc2",),
+    "bert": ("output.dense",),
+    "roberta": ("output.dense",),
+    "t5": ("wo",),
+    "bart": ("fc2",),
 }
 
 # Module-path suffixes of the final projection of common task heads; "all-linear" leaves them alone.
