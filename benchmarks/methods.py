@@ -7,8 +7,8 @@ floor, peak RSS and the loss after N steps; the same row for peft where peft has
 
 Model: a seeded LlamaForCausalLM (hidden 128, 4 layers, vocab 1024), batch 4 x 64 tokens of a learnable task
 (token runs t, t+1, t+2, ... mod V), causal-LM loss, AdamW(lr=1e-3), 1 thread. All seven projections are
-adapted with the fields every method shares where it has them (r=8, lora_alpha=16; vector banks of length 64;
-total_step = the steps run, for rank schedules).
+adapted (a method that cannot adapt them, soft prompts on the input embedding, takes its own default targets) with the fields every method shares where it has them (r=8, lora_alpha=16; vector banks of length 64;
+total_step = the steps run, for rank schedules). peft's configs get task_type CAUSAL_LM.
 A timed step is zero_grad + forward (+ the method's extra and output losses) + backward + optimizer.step +
 step_hook, i.e. what `peftkit train` does. Methods that initialize from data get 2 batches of calibration.
 
@@ -69,13 +69,24 @@ def _fields(cls, **extra) -> dict:
     return {k: v for k, v in {**SHARED_FIELDS, **extra}.items() if k in names}
 
 
-def _peftkit_model(method: str, base, batch, total_step: int):
+def _config(method: str, total_step: int, targets=TARGETS):
     import peftkit
 
     spec = peftkit.get_method(method)
-    config = spec.make_config(**_fields(spec.config_cls, target_modules=TARGETS, total_step=total_step))
+    return spec.make_config(**_fields(spec.config_cls, target_modules=targets, total_step=total_step))
+
+
+def _peftkit_model(method: str, base, batch, total_step: int):
+    """The method on the seven projections, or on its own default targets when it cannot adapt them (soft
+    prompts live on the input embedding)."""
+    import peftkit
+
     model = peftkit.AdapterModel(base)
-    model.add_adapter("default", config, calibration=peftkit.Calibration([batch, batch]))
+    calibration = peftkit.Calibration([batch, batch])
+    try:
+        model.add_adapter("default", _config(method, total_step), calibration=calibration)
+    except peftkit.UnsupportedLayerError:
+        model.add_adapter("default", _config(method, total_step, targets=None), calibration=calibration)
     return model
 
 
@@ -91,9 +102,10 @@ def peft_config(method: str, total_step: int = 1):
     cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(spec.config_cls.peft_type)
     if cls is None:
         return None
-    ours = spec.make_config(**_fields(spec.config_cls, target_modules=TARGETS, total_step=total_step)).to_dict()
+    ours = _config(method, total_step).to_dict()
     theirs = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in ours.items() if k in theirs and v is not None})
+    # task_type CAUSAL_LM: peft's causal-LM wrapper runs the tuner's forward (AdaLoRA's regularizer, prompts)
+    return cls(**{k: v for k, v in ours.items() if k in theirs and v is not None} | {"task_type": "CAUSAL_LM"})
 
 
 def _build(case: str, sizes: dict):
