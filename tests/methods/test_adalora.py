@@ -145,6 +145,28 @@ def test_save_load_after_pruning_reproduces_outputs(tmp_path) -> None:
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["rank_pattern"] == pattern
 
 
+def test_train_state_carries_importance_and_recorded_masks() -> None:
+    """What the resume contract's state_dict comparison cannot see: train_state moves each layer's importance EMAs
+    (and their absence once the final allocation reset them) and `recorded` (whether save reports a rank pattern)."""
+    models = []
+    for steps in (0, 4, 10):  # SCHEDULE: allocations from step 4, importance reset at T - t_f = 9
+        torch.manual_seed(0)
+        models.append(AdapterModel(tiny_llama()))
+        models[-1].add_adapter("default", AdaLoraConfig(target_modules=TARGETS, **SCHEDULE))
+        _train(models[-1], steps)
+    fresh, mid, done = (_adapters(m) for m in models)
+    for a, b, c in zip(fresh, mid, done, strict=True):
+        assert b.importance.has("lora_E") and not c.importance.has("lora_E") and b.recorded and not a.recorded
+        mid_state = b.train_state()
+        a.load_train_state(mid_state)  # a fresh layer takes the EMAs, the mask and `recorded`
+        for name in ("lora_A", "lora_E", "lora_B"):
+            assert torch.equal(a.importance.sens[name], b.importance.sens[name])
+            assert torch.equal(a.importance.unc[name], b.importance.unc[name])
+        assert a.layer_fields() == b.layer_fields() is not None
+        b.load_train_state(c.train_state())  # and a tracking layer drops its EMAs for a state without them
+        assert not b.importance.has("lora_E") and b.layer_fields() == c.layer_fields()
+
+
 def test_training_matches_peft_and_pruned_checkpoints_cross_load(tmp_path) -> None:
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)

@@ -151,6 +151,20 @@ def test_identity_at_init_merge_and_unmerge():
     assert torch.allclose(model.model.up.base_layer.weight, base.up.weight, atol=1e-6)
 
 
+def test_train_state_carries_the_scored_step():
+    """train_state holds the step the importance last scored, None included (a resumed first score then averages
+    into I or, before any, sets it); the resume contract only checkpoints after a step."""
+    trained, fresh = _model(), _model()
+    _train(trained, 2)
+    for path, a in _adapters(trained).items():
+        b = _adapters(fresh)[path]
+        untouched = b.train_state()
+        b.load_train_state(a.train_state())
+        assert b._scored_at == a._scored_at == 2 and torch.equal(b.rose_imp_A, a.rose_imp_A)
+        a.load_train_state(untouched)
+        assert a._scored_at is None and not a.rose_imp_A.any()
+
+
 def test_save_load_reproduces_sparse_factors(tmp_path):
     base, x = _base(), torch.randn(3, 20)
     model = _model(base)

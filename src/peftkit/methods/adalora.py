@@ -106,7 +106,6 @@ class AdaLoraAdapter(Adapter):
         path = ctx.path if ctx is not None else ""
         mask = config.module_mask(path)
         self.rows = mask if mask is not None else [True] * config.init_r  # which of the r0 triplets are held
-        self.recorded = mask is not None  # a rank pattern exists for this layer (report it at save)
         r, dtype, device = sum(self.rows), adapter_dtype(ops), ops.weight.device
         self.n_units = r  # held triplets (the allocator's unit count)
         self.scaling = config.lora_alpha / (config.init_r + 1e-5)  # peft: alpha / (ranknum + 1e-5), ranknum = r0
@@ -114,6 +113,7 @@ class AdaLoraAdapter(Adapter):
         self.lora_E = self.new_param((r, 1), dtype, device)  # (r, 1)
         self.lora_B = self.new_param((ops.out_features, r), dtype, device)  # (out, r)
         self.register_buffer("keep", torch.ones(r, dtype=torch.bool, device=device), persistent=False)  # (r,)
+        self.register_buffer("recorded", torch.tensor(mask is not None, device=device), persistent=False)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.importance = rb.EmaImportance(config.beta1, config.beta2)
         self.group = rb.LayerGroup.of(ctx.shared if ctx is not None else None, "rank_allocator")
@@ -127,8 +127,7 @@ class AdaLoraAdapter(Adapter):
         for p in (self.lora_A, self.lora_B) if gaussian else (self.lora_A, self.lora_E, self.lora_B):
             p.normal_(0.0, 0.02 if gaussian else 1.0)
 
-    def _h(self, x: Tensor) -> Tensor:
-        """s * E * (A drop(x)): (..., r)."""
+    def _h(self, x: Tensor) -> Tensor:  # s * E * (A drop(x)): (..., r)
         xa = self.ops.down(self.cast_input(self.dropout(x), self.lora_A), self.lora_A)  # (..., r)
         return xa * (self.lora_E.view(-1) * self.scaling)
 
@@ -155,8 +154,7 @@ class AdaLoraAdapter(Adapter):
             rb.cubic_allocation([layer for _, layer in self.group.layers], step, c.target_r * len(self.group), c.tinit,
                                 c.tfinal, c.total_step, c.deltaT, self.group.state)
 
-    @torch.no_grad()
-    def update_importance(self) -> None:
+    def update_importance(self) -> None:  # sensitivity() is detached: no autograd graph here
         for name in ("lora_A", "lora_E", "lora_B"):
             self.importance.update(name, rb.sensitivity(getattr(self, name)))
 
@@ -174,7 +172,7 @@ class AdaLoraAdapter(Adapter):
         """Zero E outside `keep` (default: the current mask) and remember the mask."""
         if keep is not None:
             self.keep.copy_(keep.to(self.keep.device))
-            self.recorded = True
+            self.recorded.fill_(True)
         self.lora_E.masked_fill_(~self.keep.view(-1, 1), 0.0)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
@@ -190,9 +188,13 @@ class AdaLoraAdapter(Adapter):
         return {"kept_A": "lora_A", "kept_E": "lora_E", "kept_B": "lora_B"}
 
     def layer_fields(self) -> dict[str, Any] | None:
-        """{"rank_pattern": [bool] * r0}: the r0 triplets this layer keeps (None before any pruning)."""
+        """{"rank_pattern": [bool] * r0}: the r0 triplets this layer keeps; None unless `recorded` (loaded, pruned)."""
         kept = iter(self.keep.tolist())
-        if not self.recorded:
-            return None
-        return {"rank_pattern": [bool(next(kept)) if held else False for held in self.rows]}
+        return {"rank_pattern": [bool(next(kept)) if held else False for held in self.rows]} if self.recorded else None
+
+    def train_state(self) -> dict[str, Tensor]:  # keep, recorded (buffers) and the importance EMAs (full size)
+        return super().train_state() | self.importance.state(dict(self.named_parameters(recurse=False)))
+
+    def load_train_state(self, state: dict[str, Tensor]) -> None:
+        super().load_train_state(self.importance.load_state(state, dict(self.named_parameters(recurse=False))))
 

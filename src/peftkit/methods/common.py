@@ -1,17 +1,21 @@
-"""Small helpers shared by the method files (registers no method): rank/alpha checks, per-module patterns,
-the adapter dtype."""
+"""Small helpers shared by the method files (registers no method): config field checks, per-module patterns,
+the adapter dtype, and `ScalarTrainState` (Python-side training state in training checkpoints)."""
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
+from ..core.adapter import Adapter
 from ..core.layers import LayerOps
 from ..errors import ConfigError
 
-__all__ = ["MAX_RANK", "adapter_dtype", "check_alpha", "check_rank", "pattern_value"]
+__all__ = ["MAX_RANK", "ScalarTrainState", "adapter_dtype", "check_alpha", "check_beta", "check_int", "check_number",
+           "check_rank", "pattern_value"]
 
 MAX_RANK = 65536
 
@@ -38,3 +42,42 @@ def adapter_dtype(ops: LayerOps) -> torch.dtype:
     """Adapters train in fp32 over fp16/bf16 bases (as peft's autocast_adapter_dtype), else in the base dtype."""
     dtype = ops.weight.dtype
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_int(field: str, value: Any, low: int, high: int | None = None) -> None:
+    """An integer (not bool) in [low, high]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(field, f"must be an integer {bound}, got {value!r}")
+
+
+def check_beta(field: str, value: Any) -> None:
+    """An EMA rate in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(field, f"must be a number in (0, 1), got {value!r}")
+
+
+def check_number(field: str, value: Any, low: float = 0.0, high: float = float("inf")) -> None:
+    """A finite number in [low, high)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise ConfigError(field, f"must be a number in [{low}, {high}), got {value!r}")
+
+
+class ScalarTrainState(Adapter):
+    """Adapter base (first in the bases) for Python-side training state: the attributes named in `train_scalars`
+    (int, bool or None) join `train_state` as int64 pairs [is set, value], so a resumed run continues from them."""
+
+    train_scalars: ClassVar[tuple[str, ...]] = ()
+
+    def train_state(self) -> dict[str, Tensor]:
+        values = {name: getattr(self, name) for name in self.train_scalars}
+        pairs = {n: torch.tensor([v is not None, int(v or 0)], dtype=torch.long) for n, v in values.items()}
+        return super().train_state() | pairs
+
+    def load_train_state(self, state: dict[str, Tensor]) -> None:
+        for name in self.train_scalars:
+            is_set, value = state[name].tolist()
+            now = getattr(self, name)
+            setattr(self, name, (int if now is None else type(now))(value) if is_set else None)
+        super().load_train_state({k: t for k, t in state.items() if k not in self.train_scalars})

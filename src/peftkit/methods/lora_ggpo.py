@@ -130,6 +130,15 @@ class LoraGgpoAdapter(LoraAdapter):
             ema.copy_(norms)
             self._seen.add(key)
 
+    # --- training checkpoints --------------------------------------------------------------------------------------
+    def train_state(self) -> dict[str, Tensor]:
+        """The EMA buffers and which of them received a gradient ("ggpo_seen": [A, B]; the first one sets G)."""
+        return super().train_state() | {"ggpo_seen": torch.tensor([key in self._seen for key in "AB"])}
+
+    def load_train_state(self, state: dict[str, Tensor]) -> None:
+        self._seen = {key for key, seen in zip("AB", state["ggpo_seen"].tolist(), strict=True) if seen}
+        super().load_train_state({k: t for k, t in state.items() if k != "ggpo_seen"})
+
     # --- forward ---------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
         if not self.perturbs():

@@ -1,9 +1,9 @@
 """Shared building blocks for rank-allocating methods (no method is registered here): importance trackers
 (EMA sensitivity x uncertainty of |w * g|, arXiv 2303.10512 eq. 8-10), budget schedules (cubic decay, linear),
 a global-threshold selector over all layers of an adapter, top-k growth picks, chunked growing factors, the
-SVD-form orthogonality loss, config field checks, and `LayerGroup`: the layers of one adapter injection kept in
-`AdapterContext.shared`, with a once-per-step latch so the first layer whose `on_step` runs does the cross-layer
-work for all of them.
+SVD-form orthogonality loss, config field checks (from common), and `LayerGroup`: the layers of one adapter
+injection kept in `AdapterContext.shared`, with a once-per-step latch so the first layer whose `on_step` runs
+does the cross-layer work for all of them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .common import check_beta, check_int, check_number
 
 __all__ = ["EmaImportance", "sensitivity", "cubic_budget", "linear_schedule", "prune_mask", "top_k", "LayerGroup",
            "orthogonality", "check_int", "check_beta", "check_number", "cubic_allocation",
@@ -47,6 +48,24 @@ class EmaImportance:
     def reset(self) -> None:
         self.sens.clear()
         self.unc.clear()
+
+    def state(self, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fixed-shape tensors for a training checkpoint: "ema_I.<key>" and "ema_U.<key>" for every key of `like`
+        (key -> a tensor of its score's shape; zeros while untracked) and "ema_tracked" (which keys are tracked)."""
+        out = {"ema_tracked": torch.tensor([self.has(key) for key in like])}
+        for key, t in like.items():
+            out[f"ema_I.{key}"] = self.sens.get(key, torch.zeros_like(t))
+            out[f"ema_U.{key}"] = self.unc.get(key, torch.zeros_like(t))
+        return out
+
+    def load_state(self, state: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Restore what `state(like)` gave (on the devices of `like`); returns the other entries of `state`."""
+        self.reset()
+        for key, tracked in zip(like, state["ema_tracked"].tolist(), strict=True):
+            if tracked:
+                self.sens[key] = state[f"ema_I.{key}"].to(like[key].device)
+                self.unc[key] = state[f"ema_U.{key}"].to(like[key].device)
+        return {k: t for k, t in state.items() if not k.startswith(("ema_I.", "ema_U.", "ema_tracked"))}
 
 
 @torch.no_grad()
@@ -128,26 +147,6 @@ def orthogonality(a: Tensor, b: Tensor) -> Tensor:
         if cov.numel():
             total = total + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
     return total
-
-
-def check_int(field: str, value: Any, low: int, high: int | None = None) -> None:
-    """An integer (not bool) in [low, high]."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(field, f"must be an integer {bound}, got {value!r}")
-
-
-def check_beta(field: str, value: Any) -> None:
-    """An EMA rate in (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(field, f"must be a number in (0, 1), got {value!r}")
-
-
-def check_number(field: str, value: Any, low: float = 0.0, high: float = float("inf")) -> None:
-    """A finite number in [low, high)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise ConfigError(field, f"must be a number in [{low}, {high}), got {value!r}")
 
 
 def cat_chunks(chunks: Any, dim: int) -> Tensor:

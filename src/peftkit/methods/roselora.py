@@ -17,6 +17,7 @@ from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
+from .common import ScalarTrainState
 from .lora import LoraAdapter, LoraConfig
 from .rank_budget import sensitivity
 
@@ -104,17 +105,19 @@ def _check_fraction(name: str, value, low_open: bool, high_open: bool) -> None:
 
 
 @register_adapter("roselora", RoseLoraConfig)
-class RoseLoraAdapter(LoraAdapter):
+class RoseLoraAdapter(ScalarTrainState, LoraAdapter):
     """RoseLoRA (arXiv 2406.10777): LoRA forward y = W x + b + s * B A drop(x), s as LoRA's, with sparse factors.
 
     Before each optimizer step (gradients present, weights not yet updated, as the reference code):
         I_A <- beta I_A + (1 - beta) |A * dL/dA|,  I_B likewise (I = the first score at the first update).
     After optimizer step t (0-based), with rho_t from `keep_rate`: if rho_t < 1, every row of A keeps its
     ceil(rho_t * in) most important entries and every column of B its ceil(rho_t * out); the rest become 0.
-    Merge: W' = W + s * B A (exact). Identity at init (B = 0).
+    Merge: W' = W + s * B A (exact). Identity at init (B = 0). Training checkpoints keep I_A, I_B (non-persistent
+    buffers) and the step they last scored (train_scalars: before it, the first score initializes I).
     """
 
     capabilities = LoraAdapter.capabilities
+    train_scalars = ("_scored_at",)
 
     def __init__(self, ops: LayerOps, config: RoseLoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:

@@ -15,7 +15,7 @@ from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
-from .common import pattern_value
+from .common import ScalarTrainState, check_number, pattern_value
 from .lora import LoraAdapter, LoraConfig
 
 __all__ = ["ShearsConfig", "ShearsAdapter", "wanda_mask"]
@@ -68,9 +68,7 @@ class ShearsConfig(LoraConfig):
         if self.init_lora_weights not in PLAIN_INITS or not isinstance(self.init_lora_weights, (bool, str)):
             raise ConfigError("init_lora_weights", f"Shears prunes the base itself; use one of {PLAIN_INITS}, "
                                                    f"got {self.init_lora_weights!r}")
-        s = self.shears_sparsity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
-            raise ConfigError("shears_sparsity", f"must be a number in [0, 1), got {s!r}")
+        check_number("shears_sparsity", self.shears_sparsity, 0, 1)
         choices = self.shears_rank_choices
         if choices is not None:
             if not isinstance(choices, (list, tuple)) or not choices:
@@ -122,7 +120,7 @@ class ShearsConfig(LoraConfig):
 
 
 @register_adapter("shears", ShearsConfig)
-class ShearsAdapter(LoraAdapter):
+class ShearsAdapter(ScalarTrainState, LoraAdapter):
     """Shears (arXiv 2404.10934): y = (M * W) x + b + s * B[:, :r'] A[:r', :] drop(x), s = lora_alpha / r_max.
 
     M: the Wanda keep-mask (out, in) from calibration ("input_cov"), a persistent bool buffer. The pruned part
@@ -131,21 +129,21 @@ class ShearsAdapter(LoraAdapter):
     after every optimizer step (on_step; step 1 trains r_max); in eval mode the chosen eval rank (`set_eval_rank`).
     Merge (dense, exact, at the eval rank): W' = M * W + s B[:, :r'] A[:r', :]; `sparse_delta_weight` gives the
     sparsity-preserving M * (s B A), an approximation. Not identity at init (the base is pruned).
+    Training checkpoints keep r' (train_scalars), the rank drawn for the step after the checkpoint.
     """
 
     capabilities = frozenset({"mergeable"})
     calibration = frozenset({"input_cov"})
+    train_scalars = ("train_rank",)
 
     def __init__(self, ops: LayerOps, config: ShearsConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:
         if ops.kind not in ("linear", "conv1d_transposed"):
             raise UnsupportedLayerError(f"shears prunes Linear and Conv1D layers with input statistics, not {ops.kind}")
         super().__init__(ops, config, initialize, ctx)
-        shape, device = (ops.out_features, ops.in_features), ops.weight.device
-        self.register_buffer("shears_mask", torch.ones(shape, dtype=torch.bool, device=device))  # (out, in)
-        self.choices = config.rank_choices
-        self.eval_rank = config.eval_rank
-        self.train_rank = config.r
+        mask = torch.ones(ops.out_features, ops.in_features, dtype=torch.bool, device=ops.weight.device)
+        self.register_buffer("shears_mask", mask)  # (out, in)
+        self.choices, self.eval_rank, self.train_rank = config.rank_choices, config.eval_rank, config.r
 
     @property
     def rank(self) -> int:
