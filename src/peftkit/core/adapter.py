@@ -102,6 +102,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     capabilities: ClassVar[frozenset[str]] = frozenset()
     needs_base_output: ClassVar[bool] = False
     lr_scale: ClassVar[dict[str, float]] = {}  # parameter attribute -> learning-rate multiplier in training
+    train_scalars: ClassVar[tuple[str, ...]] = ()  # Python attributes a resumed run needs (see train_state)
     transforms_inputs: ClassVar[bool] = False  # transform_inputs rewrites the model's call (prompt tuning)
     delta_reads_base: ClassVar[bool] = False  # delta_weight() depends on the base weight: kept from merge time
     calibration: ClassVar[frozenset[str]] = frozenset()
@@ -199,14 +200,22 @@ class Adapter(nn.Module, metaclass=ABCMeta):
 
     def train_state(self) -> dict[str, Tensor]:
         """Training state that is not part of the saved adapter but a resumed run needs to continue exactly
-        (importance averages, gradient statistics). Default: the non-persistent buffers. Training checkpoints
-        store it; methods keeping such state elsewhere override this and `load_train_state`."""
-        return {n: b for n, b in self.named_buffers(recurse=False) if n in self._non_persistent_buffers_set}
+        (importance averages, gradient statistics, the step a schedule switched). Default: the non-persistent
+        buffers, and the Python attributes named in `train_scalars` (int, bool or None) as int64 pairs
+        [is set, value]. Training checkpoints store it; methods keeping other state override both methods."""
+        buffers = {n: b for n, b in self.named_buffers(recurse=False) if n in self._non_persistent_buffers_set}
+        values = {n: getattr(self, n) for n in self.train_scalars}
+        return buffers | {n: torch.tensor([v is not None, int(v or 0)], dtype=torch.long) for n, v in values.items()}
 
     def load_train_state(self, state: dict[str, Tensor]) -> None:
         """Restore what `train_state` returned (same keys; shapes checked by the caller)."""
         for name, value in state.items():
-            self.register_buffer(name, value.to(getattr(self, name)), persistent=False)
+            if name in self.train_scalars:
+                is_set, number = value.tolist()
+                now = getattr(self, name)
+                setattr(self, name, (int if now is None else type(now))(number) if is_set else None)
+            else:
+                self.register_buffer(name, value.to(getattr(self, name)), persistent=False)
 
     def before_optimizer_step(self, step: int) -> None:
         """Called after backward and clipping, before optimizer step `step` (gradient masks)."""

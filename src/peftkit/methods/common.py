@@ -1,20 +1,18 @@
 """Small helpers shared by the method files (registers no method): config field checks, per-module patterns,
-the adapter dtype, and `ScalarTrainState` (Python-side training state in training checkpoints)."""
+the adapter dtype."""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from torch import Tensor
 
-from ..core.adapter import Adapter
 from ..core.layers import LayerOps
 from ..errors import ConfigError
 
-__all__ = ["MAX_RANK", "ScalarTrainState", "adapter_dtype", "check_alpha", "check_beta", "check_int", "check_number",
+__all__ = ["MAX_RANK", "adapter_dtype", "check_alpha", "check_beta", "check_int", "check_number",
            "check_rank", "pattern_value"]
 
 MAX_RANK = 65536
@@ -62,22 +60,3 @@ def check_number(field: str, value: Any, low: float = 0.0, high: float = float("
     """A finite number in [low, high)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise ConfigError(field, f"must be a number in [{low}, {high}), got {value!r}")
-
-
-class ScalarTrainState(Adapter):
-    """Adapter base (first in the bases) for Python-side training state: the attributes named in `train_scalars`
-    (int, bool or None) join `train_state` as int64 pairs [is set, value], so a resumed run continues from them."""
-
-    train_scalars: ClassVar[tuple[str, ...]] = ()
-
-    def train_state(self) -> dict[str, Tensor]:
-        values = {name: getattr(self, name) for name in self.train_scalars}
-        pairs = {n: torch.tensor([v is not None, int(v or 0)], dtype=torch.long) for n, v in values.items()}
-        return super().train_state() | pairs
-
-    def load_train_state(self, state: dict[str, Tensor]) -> None:
-        for name in self.train_scalars:
-            is_set, value = state[name].tolist()
-            now = getattr(self, name)
-            setattr(self, name, (int if now is None else type(now))(value) if is_set else None)
-        super().load_train_state({k: t for k, t in state.items() if k not in self.train_scalars})

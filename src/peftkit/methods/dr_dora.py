@@ -1,7 +1,6 @@
 """DynamicRank-DoRA: gated rank-1 LoRA components pruned by relative contribution (cubic schedule, one global
 threshold), with a variance regularizer. Mao et al., arXiv 2405.17357 (code: MIkumikumi0116/DoRA, Finetune_Utils.py).
 Registered as "dr_dora": "dora" is the weight-decomposed DoRA (arXiv 2402.09353), a different method."""
-
 from __future__ import annotations
 
 import math
@@ -17,8 +16,8 @@ from ..core.adapter import Adapter, AdapterContext, LowRank
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
-from .common import pattern_value
-from .lora import LoraConfig, adapter_dtype
+from .common import adapter_dtype, pattern_value
+from .lora import LoraConfig
 from .rank_budget import LayerGroup, prune_mask
 
 __all__ = ["DrDoraConfig", "DrDoraAdapter"]
@@ -89,6 +88,7 @@ class DrDoraAdapter(Adapter):
     """
 
     capabilities = frozenset({"mergeable", "servable", "identity_at_init"})
+    train_scalars = ("pruning_done",)  # a resume after the pruning window keeps the regularizer off
 
     def __init__(self, ops: LayerOps, config: DrDoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:

@@ -17,7 +17,6 @@ from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
-from .common import ScalarTrainState
 from .lora import LoraAdapter, LoraConfig
 from .rank_budget import sensitivity
 
@@ -105,7 +104,7 @@ def _check_fraction(name: str, value, low_open: bool, high_open: bool) -> None:
 
 
 @register_adapter("roselora", RoseLoraConfig)
-class RoseLoraAdapter(ScalarTrainState, LoraAdapter):
+class RoseLoraAdapter(LoraAdapter):
     """RoseLoRA (arXiv 2406.10777): LoRA forward y = W x + b + s * B A drop(x), s as LoRA's, with sparse factors.
 
     Before each optimizer step (gradients present, weights not yet updated, as the reference code):

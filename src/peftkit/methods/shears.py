@@ -15,7 +15,7 @@ from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError, UnsupportedLayerError
-from .common import ScalarTrainState, check_number, pattern_value
+from .common import check_number, pattern_value
 from .lora import LoraAdapter, LoraConfig
 
 __all__ = ["ShearsConfig", "ShearsAdapter", "wanda_mask"]
@@ -120,7 +120,7 @@ class ShearsConfig(LoraConfig):
 
 
 @register_adapter("shears", ShearsConfig)
-class ShearsAdapter(ScalarTrainState, LoraAdapter):
+class ShearsAdapter(LoraAdapter):
     """Shears (arXiv 2404.10934): y = (M * W) x + b + s * B[:, :r'] A[:r', :] drop(x), s = lora_alpha / r_max.
 
     M: the Wanda keep-mask (out, in) from calibration ("input_cov"), a persistent bool buffer. The pruned part
