@@ -121,3 +121,27 @@ def test_output_losses_without_declaring_methods_are_empty() -> None:
     assert model.output_losses(torch.randn(2, 3), reference=lambda: called.append(1)) == {}
     assert not called, "the reference forward only runs for methods that need it"
     assert not model.output_losses_declared("a") and not model.needs_reference_output()
+
+
+def test_step_hook_syncs_grown_parameters_into_their_group_in_model_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank growth adds parameters: they join the optimizer group of their learning-rate multiplier, and every group
+    keeps model order, so a fresh optimizer built from the grown model (a resumed run) lines up with this one."""
+    model = AdapterModel(_mlp())
+    model.add_adapter("a", peftkit.LoraConfig(target_modules=["0", "2"], r=2))
+    monkeypatch.setattr(LoraAdapter, "lr_scale", {"grown": 10.0})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params, "lr": 0.1}, {"params": [], "lr": 1.0}], lr=0.1)
+    first = model.model[0].adapters["a"]
+
+    def grow(self, step):
+        if self is first and step == 1:
+            self.grown = torch.nn.Parameter(torch.zeros(3))
+            self.extra = torch.nn.Parameter(torch.zeros(2))
+
+    monkeypatch.setattr(LoraAdapter, "on_step", grow)
+    assert model.step_hook(1, opt) is True
+    live = [p for p in model.parameters() if p.requires_grad]
+    assert [id(p) for g in opt.param_groups for p in g["params"]] != [id(p) for p in live]  # two groups now
+    assert opt.param_groups[1]["params"] == [first.grown]
+    assert opt.param_groups[0]["params"] == [p for p in live if p is not first.grown]
+    assert model.step_hook(2, opt) is False

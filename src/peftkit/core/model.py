@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -264,7 +265,8 @@ class AdapterModel(nn.Module):
             for p in adapter.on_step(step) or ():
                 if optimizer is not None:
                     optimizer.state.pop(p, None)
-        return optimizer is not None and _sync_optimizer(optimizer, [p for p in self.parameters() if p.requires_grad])
+        live = [p for p in self.parameters() if p.requires_grad]
+        return optimizer is not None and _sync_optimizer(optimizer, live, self.lr_multipliers())
 
     def output_losses_declared(self, name: str) -> bool:
         """Whether adapter `name`'s method defines regularizers on the model output."""
@@ -318,18 +320,27 @@ class AdapterModel(nn.Module):
         return kwargs
 
 
-def _sync_optimizer(optimizer: torch.optim.Optimizer, live: list[nn.Parameter]) -> bool:
-    """Make the optimizer hold exactly `live`: drop parameters (and their state) that no longer train, add new
-    ones to the first param group. Returns True when anything changed."""
+def _sync_optimizer(optimizer: torch.optim.Optimizer, live: list[nn.Parameter],
+                    multipliers: dict[int, float]) -> bool:
+    """Make the optimizer hold exactly `live` (in model order): parameters that no longer train leave with their
+    state; new ones join the group of their learning-rate multiplier (relative to the first, base-rate group, as
+    the training loop builds them). Each group keeps model order, so an optimizer built afresh from the changed
+    model (a resumed run) lines up with this one. Returns True when anything changed."""
     live_ids = {id(p) for p in live}
     held = [p for g in optimizer.param_groups for p in g["params"]]
     held_ids = {id(p) for p in held}
     if held_ids == live_ids:
         return False
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) in live_ids]
     for p in held:
         if id(p) not in live_ids:
             optimizer.state.pop(p, None)
-    optimizer.param_groups[0]["params"].extend(p for p in live if id(p) not in held_ids)
+    groups = optimizer.param_groups
+    rate = [g.get("initial_lr", g["lr"]) for g in groups]  # (groups,)
+    member = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    for p in live:
+        if id(p) not in member:
+            want = rate[0] * multipliers.get(id(p), 1.0)
+            member[id(p)] = next((i for i, r in enumerate(rate) if math.isclose(r, want)), 0)
+    for i, group in enumerate(groups):
+        group["params"] = [p for p in live if member[id(p)] == i]
     return True
