@@ -21,7 +21,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "peftkit"
 
 # Allowed overruns: "<path under src/peftkit>" exempts a file from the file checks, and
 # "<path>::<qualified function name>" exempts one function from the function budgets. One line of reason each.
-EXCEPTIONS: dict[str, str] = {}
+EXCEPTIONS: dict[str, str] = {
+    "methods/increlora.py": "rank growth with an exact resume: chunked factors, their saved layout, training state",
+}
 
 MAX_FILE_LINES = 400
 MAX_METHOD_FILE_LINES = 200

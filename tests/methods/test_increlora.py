@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit import AdapterModel, ConfigError, UnsupportedLayerError, load_adapter, save_adapter
+from peftkit import AdapterModel, CheckpointError, ConfigError, UnsupportedLayerError, load_adapter, save_adapter
 from peftkit.methods.increlora import IncreLoraAdapter, IncreLoraConfig
-from peftkit.train import TrainArgs, train
+from peftkit.train import TrainArgs, loop, train
 from train.loop_helpers import TARGETS, batches_fn, tiny_base  # tests/ is on sys.path (rootdir import)
 
 from ._helpers import close, logits, perturb
@@ -199,3 +199,43 @@ def test_embedding_layer_hook_and_twin() -> None:
     model.train()
     model(ids).square().sum().backward()
     assert a.score is not None and a.score > 0
+
+
+RESUME = dict(r=1, target_rank=4, init_warmup=1, incre_interval=1, top_h=1, incre_rank_num=1, lora_dropout=0.1)
+
+
+def _resume_run(out, resume: bool = False):
+    torch.manual_seed(0)
+    model = AdapterModel(tiny_base())
+    model.add_adapter("default", IncreLoraConfig(target_modules=TARGETS, **RESUME))
+    args = TrainArgs(output_dir=str(out), max_steps=6, save_every=3, lr=5e-3, seed=3, warmup_ratio=0.0,
+                     log_every=6, keep_checkpoints=None)
+    if resume:  # shapes changed by growth: rebuild from the checkpoint's adapter, as the resume error advises
+        with pytest.raises(CheckpointError, match="load_adapter"):
+            train(model, lambda e: batches_fn(e, seed=1, pattern=True), args, resume_from="latest")
+        model = AdapterModel(tiny_base())
+        load_adapter(model, out / "checkpoints" / "step-3" / "adapter", "default", trainable=True)
+    train(model, lambda e: batches_fn(e, seed=1, pattern=True), args, resume_from="latest" if resume else None)
+    return model
+
+
+def test_resume_after_growth_equals_straight_run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = _resume_run(tmp_path / "a")
+    assert max(a.rank for a in _adapters(straight).values()) > 1
+    real = loop.save_checkpoint
+
+    def save_then_crash(directory, *a, **kw):
+        real(directory, *a, **kw)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            _resume_run(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "checkpoints" / "step-3" / "adapter" / "adapter_config.json").read_text())
+    assert saved["chunk_pattern"]  # grown before the crash
+    resumed = _resume_run(tmp_path / "b", resume=True)
+    want, got = straight.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

@@ -8,12 +8,13 @@ import re
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from ..core.layers import LayerOps
 from ..errors import ConfigError
 
 __all__ = ["MAX_RANK", "adapter_dtype", "check_alpha", "check_beta", "check_int", "check_number",
-           "check_rank", "pattern_value"]
+           "check_rank", "pattern_value", "split_chunks", "split_field", "flagged"]
 
 MAX_RANK = 65536
 
@@ -60,3 +61,21 @@ def check_number(field: str, value: Any, low: float = 0.0, high: float = float("
     """A finite number in [low, high)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise ConfigError(field, f"must be a number in [{low}, {high}), got {value!r}")
+
+
+def split_chunks(t: Tensor, sizes: list[int], dim: int) -> nn.ParameterList:
+    """`t` split along `dim` into new parameters of `sizes` (which must add up to its size there)."""
+    if sum(sizes) != t.shape[dim]:
+        raise ConfigError("chunk_pattern", f"chunk sizes {sizes} do not add up to {t.shape[dim]}")
+    return nn.ParameterList([nn.Parameter(c.clone()) for c in torch.split(t.detach(), sizes, dim=dim)])
+
+
+def split_field(per_layer: dict[str, dict[str, Any]], name: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-layer fields {path: {field: value}} without `name`, and {path: value of name} where present."""
+    rest = {path: {k: v for k, v in fields.items() if k != name} for path, fields in per_layer.items()}
+    return rest, {path: fields[name] for path, fields in per_layer.items() if name in fields}
+
+
+def flagged(value: Tensor | None, like: Tensor) -> tuple[Tensor, bool]:
+    """(value, True), or (zeros like `like`, False) for None: an optional tensor in a fixed-shape state."""
+    return (like.new_zeros(()), False) if value is None else (value.detach().reshape(like.shape), True)

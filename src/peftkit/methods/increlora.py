@@ -17,7 +17,7 @@ from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import UnsupportedLayerError
 from . import rank_budget as rb
-from .common import adapter_dtype, check_alpha, check_rank
+from .common import adapter_dtype, check_alpha, check_rank, flagged, split_chunks, split_field
 
 __all__ = ["IncreLoraConfig", "IncreLoraAdapter"]
 
@@ -31,7 +31,8 @@ class IncreLoraConfig(AdapterConfig):
     init_warmup / incre_interval: grow every incre_interval steps once past init_warmup; top_h modules grow per
     round, by incre_rank_num each. advance_learn: keep a trained reserve component per module. beta1 / beta2: EMA
     rates of the module importance. orth_reg_weight: orthogonality loss weight. lora_alpha: s = alpha / (rank +
-    1e-5). rank_pattern: current ranks {exact module path: r}, recorded at save after growth.
+    1e-5). rank_pattern: current ranks {exact module path: r}; chunk_pattern: {path: [sizes]} of the chunks growth
+    made (E chunk sizes; A/B's first chunk adds the reserve rows); both recorded at save after growth.
     """
 
     peft_type: ClassVar[str] = "INCRELORA"
@@ -50,6 +51,7 @@ class IncreLoraConfig(AdapterConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    chunk_pattern: dict[str, list[int]] = field(default_factory=dict)
 
     def validate(self) -> None:
         check_rank("r", self.r)
@@ -63,12 +65,17 @@ class IncreLoraConfig(AdapterConfig):
         rb.check_number("lora_dropout", self.lora_dropout, 0, 1)
         for key, value in self.rank_pattern.items():
             check_rank(f"rank_pattern[{key!r}]", value)
+        for key, sizes in self.chunk_pattern.items():
+            for value in sizes:
+                check_rank(f"chunk_pattern[{key!r}]", value)
 
     def rank_of(self, path: str) -> int:
         return self.rank_pattern.get(path, self.r)
 
     def with_layer_fields(self, per_layer: dict[str, dict[str, Any]]) -> IncreLoraConfig:
-        return self.replace(rank_pattern=rb.recorded_ranks(self.rank_pattern, per_layer))
+        per_layer, chunks = split_field(per_layer, "chunks")
+        return self.replace(rank_pattern=rb.recorded_ranks(self.rank_pattern, per_layer),
+                            chunk_pattern={**self.chunk_pattern, **chunks})
 
 
 @register_adapter("increlora", IncreLoraConfig)
@@ -92,7 +99,8 @@ class IncreLoraAdapter(Adapter):
             raise UnsupportedLayerError("increlora supports Linear, Conv1D and Embedding layers, not convolutions")
         super().__init__(ops, config, initialize, ctx)
         path = ctx.path if ctx is not None else ""
-        self.rank = self.built_rank = config.rank_of(path)
+        self.rank = config.rank_of(path)
+        self.chunks = config.chunk_pattern.get(path, [self.rank])  # the layout after_load splits into
         self.n_res = config.incre_rank_num if config.advance_learn else 0
         rows, dtype, device = self.rank + self.n_res, adapter_dtype(ops), ops.weight.device
         self.lora_A = nn.ParameterList([self.new_param((rows, ops.in_features), dtype, device)])  # chunks (k, in)
@@ -177,7 +185,26 @@ class IncreLoraAdapter(Adapter):
         return {"all_A": "lora_A", "all_E": "lora_E", "all_B": "lora_B", "reserve_E": "lora_reserve_E"}
 
     def layer_fields(self) -> dict[str, Any] | None:
-        return {"r": self.rank} if self.rank != self.built_rank else None
+        return {"r": self.rank, "chunks": [len(e) for e in self.lora_E]} if len(self.lora_E) > 1 else None
+
+    @torch.no_grad()
+    def after_load(self) -> None:  # saved after growth: the chunks of the training run, so that it can resume
+        if len(self.chunks) > 1 and len(self.lora_E) == 1:
+            rows = [self.chunks[0] + self.n_res, *self.chunks[1:]]
+            self.lora_E = split_chunks(self.lora_E[0], self.chunks, 0)
+            self.lora_A, self.lora_B = split_chunks(self.lora_A[0], rows, 0), split_chunks(self.lora_B[0], rows, 1)
+
+    def train_state(self) -> dict[str, Tensor]:  # the importance EMAs, the pending score, the group's phase
+        like = {"module": self.lora_A[0].new_zeros(())}
+        score, has_score = flagged(self.score, like["module"])
+        flags = torch.tensor([has_score, self.group.state.get("growing", True)])
+        return super().train_state() | self.importance.state(like) | {"score": score, "flags": flags}
+
+    def load_train_state(self, state: dict[str, Tensor]) -> None:
+        rest = self.importance.load_state(state, {"module": self.lora_A[0].new_zeros(())})
+        (has_score, growing), score = rest.pop("flags").tolist(), rest.pop("score")
+        self.score, self.group.state["growing"] = score.to(self.lora_A[0].device) if has_score else None, bool(growing)
+        super().load_train_state(rest)
 
 
 @torch.no_grad()
