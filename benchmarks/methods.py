@@ -136,9 +136,9 @@ def _build(case: str, sizes: dict):
 def _loss(model, batch):
     out = model(**batch)
     loss = out.loss
-    if hasattr(model, "output_losses_declared"):  # peftkit: the method's training extras, as `peftkit train`
+    if hasattr(model, "has_output_losses"):  # peftkit: the method's training extras, as `peftkit train`
         loss = loss + sum(model.extra_losses().values())
-        if any(model.output_losses_declared(n) for n in model.trainable):
+        if model.has_output_losses():
             def ref():
                 with model.disabled():
                     return model(**batch).logits

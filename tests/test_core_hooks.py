@@ -120,7 +120,7 @@ def test_output_losses_without_declaring_methods_are_empty() -> None:
     called = []
     assert model.output_losses(torch.randn(2, 3), reference=lambda: called.append(1)) == {}
     assert not called, "the reference forward only runs for methods that need it"
-    assert not model.output_losses_declared("a") and not model.needs_reference_output()
+    assert not model.has_output_losses() and not model.needs_reference_output()
 
 
 def test_step_hook_syncs_grown_parameters_into_their_group_in_model_order(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .. import __version__
+from ..core.adapter import Adapter
 from ..core.config import AdapterConfig
 from ..core.host import AdaptedLayer, ModulesToSave
 from ..core.inject import Plan
@@ -222,15 +223,9 @@ def load_adapter(model: AdapterModel, directory: str | os.PathLike, name: str = 
     where = str(Path(directory) / WEIGHTS_NAME)
     _validate(_expected(model, p), _optional(model, p), tensors, where)
     _check_kinds(p, tensors, where)
-    with torch.no_grad():
-        for path, adapter in p.adapters.items():
-            for pname, suffix in adapter.disk_names().items():
-                getattr(adapter, pname).copy_(tensors[f"{PREFIX}{path}.{suffix}"])
-        for key, (adapter, attr) in _shared_keys(p.adapters.values()).items():
-            getattr(adapter, attr).copy_(tensors[key])
+    _copy_in(p.adapters, tensors)
     for path, adapter in p.adapters.items():
-        optional = {s: tensors[f"{PREFIX}{path}.{s}"] for s in adapter.optional_disk_names()
-                    if f"{PREFIX}{path}.{s}" in tensors}
+        optional = _optional_tensors(path, adapter, tensors)
         if optional:
             adapter.load_optional(optional)
         adapter.after_load()
@@ -244,26 +239,34 @@ def restore_adapter_state(model: AdapterModel, name: str, tensors: dict[str, Ten
     adapter `name`, buffers included, and move the base weight by any change of its `init_delta` (a resumed run
     whose method folded updates into the base or holds masks outside the trained parameters)."""
     layers = {p: h for p, h in model.hosts() if isinstance(h, AdaptedLayer) and name in h.adapters}
+    _copy_in({path: host.adapters[name] for path, host in layers.items()}, tensors)
+    for path, host in layers.items():
+        _reload_shift(host, host.adapters[name], _optional_tensors(path, host.adapters[name], tensors))
+
+
+def _copy_in(adapters: dict[str, Adapter], tensors: dict[str, Tensor]) -> None:
+    """Copy a checked file's per-layer and shared tensors into `adapters` ({module path: adapter})."""
     with torch.no_grad():
-        for path, host in layers.items():
-            adapter = host.adapters[name]
+        for path, adapter in adapters.items():
             for pname, suffix in adapter.disk_names().items():
                 getattr(adapter, pname).copy_(tensors[f"{PREFIX}{path}.{suffix}"])
-        for key, (adapter, attr) in _shared_keys(a.adapters[name] for a in layers.values()).items():
+        for key, (adapter, attr) in _shared_keys(adapters.values()).items():
             getattr(adapter, attr).copy_(tensors[key])
-    for path, host in layers.items():
-        _reload_shift(host, host.adapters[name], {s: tensors[f"{PREFIX}{path}.{s}"] for s in
-                                                  host.adapters[name].optional_disk_names()
-                                                  if f"{PREFIX}{path}.{s}" in tensors})
 
 
-def _reload_shift(host: AdaptedLayer, adapter, optional: dict[str, Tensor]) -> None:
+def _optional_tensors(path: str, adapter: Adapter, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The adapter's optional tensors (suffix -> tensor) that the file has."""
+    keys = {s: f"{PREFIX}{path}.{s}" for s in adapter.optional_disk_names()}
+    return {s: tensors[key] for s, key in keys.items() if key in tensors}
+
+
+def _reload_shift(host: AdaptedLayer, adapter: Adapter, optional: dict[str, Tensor]) -> None:
     """Run the load hooks as for an adapter joining the model (they see the original base), then make the base
     hold W - init_delta again; bit for bit the old base when init_delta did not change."""
     before = adapter.init_delta
     kept = host.ops.weight2d().detach().clone() if before is not None else None
     if before is not None:
-        host.shift_base_by(before)  # the original base W
+        host.ops.add_weight2d(before)  # the original base W
     if optional:
         adapter.load_optional(optional)
     adapter.after_load()
@@ -271,7 +274,7 @@ def _reload_shift(host: AdaptedLayer, adapter, optional: dict[str, Tensor]) -> N
     if before is not None and after is not None and torch.equal(before, after):
         host.ops.set_weight2d(kept)
     elif after is not None:
-        host.shift_base_by(-after)
+        host.ops.add_weight2d(-after)
 
 
 def _load_extras(model: AdapterModel, p: Plan, tensors: dict[str, Tensor]) -> None:

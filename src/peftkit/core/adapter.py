@@ -174,8 +174,7 @@ class Adapter(nn.Module, metaclass=ABCMeta):
     def shift_base(self, delta2d: Tensor) -> None:
         """Add delta2d (out, in_flat) into the base weight during training (periodic merges) and remember it,
         so that deleting or unloading this adapter takes it back out."""
-        w = self.ops.weight2d()
-        self.ops.set_weight2d(w.float() + delta2d.to(w.device, torch.float32))
+        self.ops.add_weight2d(delta2d)
         taken = -delta2d.detach().float()
         self.init_delta = taken if self.init_delta is None else self.init_delta + taken
 

@@ -66,7 +66,7 @@ class AdaptedLayer(nn.Module):
     def add(self, name: str, adapter: Adapter) -> None:
         adapter.train(self.training)  # a new adapter follows the model's train/eval mode
         if adapter.init_delta is not None:
-            self.shift_base_by(-adapter.init_delta)  # W_res = W - init part (PiSSA-style inits)
+            self.ops.add_weight2d(-adapter.init_delta)  # W_res = W - init part (PiSSA-style inits)
         self.adapters[name] = adapter
 
     def remove(self, name: str) -> None:
@@ -74,14 +74,9 @@ class AdaptedLayer(nn.Module):
             raise MergeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
         adapter = self.adapters[name]
         if adapter.init_delta is not None:
-            self.shift_base_by(adapter.init_delta)
+            self.ops.add_weight2d(adapter.init_delta)
         del self.adapters[name]
         self.active = tuple(n for n in self.active if n != name)
-
-    def shift_base_by(self, delta2d: Tensor) -> None:
-        """W += delta2d (out, in_flat): an adapter's init_delta changed outside add/remove (a restored checkpoint)."""
-        w = self.ops.weight2d()
-        self.ops.set_weight2d(w.float() + delta2d.to(w.device))
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -118,10 +113,11 @@ class AdaptedLayer(nn.Module):
         """An adapter whose init took part of the base weight (PiSSA-style, periodic merges) changes the base only
         while it runs: for every other adapter, and when disabled, the layer computes the original base."""
         shift = self._shifts(running)
-        if shift is None:
-            return y
-        d = shift.to(y.dtype).reshape(self.ops.a_shape(shift.shape[0]))  # the layer's map with weight `shift`
-        return y + self.ops.down(self.ops.input_for(x, y.dtype), d)  # (..., out)
+        return y if shift is None else y + self._base_map(x, shift, y.dtype)
+
+    def _base_map(self, x: Tensor, w2d: Tensor, dtype: torch.dtype) -> Tensor:
+        """The layer's map with weight w2d (out, in_flat) and no bias: (..., out)."""
+        return self.ops.down(self.ops.input_for(x, dtype), w2d.to(dtype).reshape(self.ops.a_shape(w2d.shape[0])))
 
     def _routed(self, x: Tensor, y: Tensor) -> Tensor:
         """Reference mixed-batch path: each adapter runs on the rows that asked for it (or the executor)."""
@@ -134,8 +130,7 @@ class AdaptedLayer(nn.Module):
         for name, idx in groups.items():  # ... and the rows of a base-shifting adapter give its part back
             delta = self.adapters[name].init_delta if name in self.adapters else None
             if delta is not None:
-                d = delta.to(y.dtype).reshape(self.ops.a_shape(delta.shape[0]))
-                y = y.index_add(0, idx, -self.ops.down(self.ops.input_for(x.index_select(0, idx), y.dtype), d))
+                y = y.index_add(0, idx, -self._base_map(x.index_select(0, idx), delta, y.dtype))
         need_z = any(self.adapters[n].needs_base_output for n in groups if n in self.adapters)
         z = self.ops.without_bias(y) if need_z else None
         for name, idx in groups.items():

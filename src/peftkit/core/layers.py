@@ -58,6 +58,11 @@ class LayerOps:
         with torch.no_grad():
             self.weight.copy_(self.to_native(w2d).to(self.weight.dtype))
 
+    def add_weight2d(self, delta2d: Tensor) -> None:
+        """W += delta2d (out, in_flat), computed in fp32 and stored in the weight's dtype."""
+        w = self.weight2d()
+        self.set_weight2d(w.float() + delta2d.to(w.device, torch.float32))
+
     def a_shape(self, r: int) -> tuple[int, ...]:
         return (r, self.in_features)
 

@@ -247,8 +247,7 @@ class AdapterModel(nn.Module):
         """Every trainable adapter's named regularizers, summed per name across layers."""
         out: dict[str, torch.Tensor] = {}
         for _, _, adapter in self._trained_adapters():
-            for key, value in adapter.extra_losses().items():
-                out[key] = out[key] + value if key in out else value
+            _add_named(out, adapter.extra_losses())
         return out
 
     def pre_step_hook(self, step: int) -> None:
@@ -265,13 +264,14 @@ class AdapterModel(nn.Module):
             for p in adapter.on_step(step) or ():
                 if optimizer is not None:
                     optimizer.state.pop(p, None)
-        live = [p for p in self.parameters() if p.requires_grad]
-        return optimizer is not None and _sync_optimizer(optimizer, live, self.lr_multipliers())
+        if optimizer is None:
+            return False
+        return _sync_optimizer(optimizer, [p for p in self.parameters() if p.requires_grad], self.lr_multipliers)
 
-    def output_losses_declared(self, name: str) -> bool:
-        """Whether adapter `name`'s method defines regularizers on the model output."""
-        cls = get_method(self.configs[name].method).adapter_cls
-        return cls.output_losses.__func__ is not Adapter.output_losses.__func__
+    def has_output_losses(self) -> bool:
+        """Whether a trained adapter's method defines regularizers on the model output."""
+        classes = (get_method(self.configs[n].method).adapter_cls for n in self.trainable)
+        return any(cls.output_losses.__func__ is not Adapter.output_losses.__func__ for cls in classes)
 
     def needs_reference_output(self) -> bool:
         return any(get_method(self.configs[n].method).adapter_cls.needs_reference_output for n in self.trainable)
@@ -289,8 +289,7 @@ class AdapterModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for name in self.trainable:
             config = self.configs[name]
-            for key, value in get_method(config.method).adapter_cls.output_losses(config, logits, ref).items():
-                out[key] = out[key] + value if key in out else value
+            _add_named(out, get_method(config.method).adapter_cls.output_losses(config, logits, ref))
         return out
 
     # --- reporting ------------------------------------------------------------------------------------------
@@ -320,8 +319,14 @@ class AdapterModel(nn.Module):
         return kwargs
 
 
+def _add_named(out: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]) -> None:
+    """Sum named loss terms into `out` by name."""
+    for key, value in terms.items():
+        out[key] = out[key] + value if key in out else value
+
+
 def _sync_optimizer(optimizer: torch.optim.Optimizer, live: list[nn.Parameter],
-                    multipliers: dict[int, float]) -> bool:
+                    multipliers: Callable[[], dict[int, float]]) -> bool:
     """Make the optimizer hold exactly `live` (in model order): parameters that no longer train leave with their
     state; new ones join the group of their learning-rate multiplier (relative to the first, base-rate group, as
     the training loop builds them). Each group keeps model order, so an optimizer built afresh from the changed
@@ -337,9 +342,10 @@ def _sync_optimizer(optimizer: torch.optim.Optimizer, live: list[nn.Parameter],
     groups = optimizer.param_groups
     rate = [g.get("initial_lr", g["lr"]) for g in groups]  # (groups,)
     member = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+    scale = multipliers()  # {id(param): multiplier}, only computed when something changed
     for p in live:
         if id(p) not in member:
-            want = rate[0] * multipliers.get(id(p), 1.0)
+            want = rate[0] * scale.get(id(p), 1.0)
             member[id(p)] = next((i for i, r in enumerate(rate) if math.isclose(r, want)), 0)
     for i, group in enumerate(groups):
         group["params"] = [p for p in live if member[id(p)] == i]

@@ -184,7 +184,7 @@ def _loss(model: AdapterModel, batch: Batch) -> Tensor:
     if loss is None:
         raise DataError("model(**batch) returned no loss; batches need `labels`")
     extra = model.extra_losses()
-    if any(model.output_losses_declared(n) for n in model.trainable):
+    if model.has_output_losses():
         extra |= model.output_losses(out["logits"] if isinstance(out, dict) else out.logits,
                                      reference=lambda: _reference_logits(model, batch))
     return loss + sum(extra.values())
