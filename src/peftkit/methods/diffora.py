@@ -80,14 +80,12 @@ class DifforaAdapter(LoraAdapter):
         self.diffora_theta = nn.Parameter(torch.zeros(2, dtype=dtype, device=device))  # (2,): logits (on, off)
         self.register_buffer("diffora_discrete", torch.zeros(1, dtype=dtype, device=device))  # 1 after discretize
         self.register_buffer("diffora_selected", torch.ones(1, dtype=dtype, device=device))  # 1 kept, 0 dropped
+        self.after_load()
 
-    @property
-    def discrete(self) -> bool:
-        return bool(self.diffora_discrete.item())
-
-    @property
-    def dropped(self) -> bool:
-        return self.discrete and not bool(self.diffora_selected.item())
+    def after_load(self) -> None:
+        """Mirror the saved selection in Python, read every forward without a device sync."""
+        self.discrete = bool(self.diffora_discrete.item())
+        self.dropped = self.discrete and not bool(self.diffora_selected.item())
 
     def selection_weight(self) -> Tensor:
         """w: softmax(theta)[0] while searching (differentiable in theta), the 0/1 selection after discretize."""
@@ -168,4 +166,5 @@ def discretize(model: AdapterModel, name: str = "default", keep_ratio: float | N
     for i, (_, adapter) in enumerate(layers):
         adapter.diffora_discrete.fill_(1)
         adapter.diffora_selected.fill_(1 if i in keep else 0)
+        adapter.after_load()
     return [path for i, (path, _) in enumerate(layers) if i in keep]
