@@ -115,6 +115,11 @@ class Adapter(nn.Module, metaclass=ABCMeta):
         self.config = config
         self.init_delta: Tensor | None = None
 
+    @classmethod
+    def check_config(cls, config: AdapterConfig) -> None:
+        """Checks a config selecting this method must pass beyond its class's `validate` (a method sharing a config
+        class with others: fields only it reads, combinations only it refuses); raise ConfigError naming the field."""
+
     @abstractmethod
     def forward(self, x: Tensor, z: Tensor | None) -> Tensor:
         """The contribution added to the base output for layer input x (z: base output without bias)."""

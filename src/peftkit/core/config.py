@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from .registry import check_selected, selected_method
 
 __all__ = ["AdapterConfig", "BIAS_MODES"]
 
@@ -61,6 +62,7 @@ class AdapterConfig:
         if self.target_modules == ():
             raise ConfigError("target_modules", "is empty; list module names, a regex, or 'all-linear'")
         self.validate()
+        check_selected(self)  # the selected method's own checks; fields selecting several methods are refused
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -70,8 +72,9 @@ class AdapterConfig:
 
     @property
     def method(self) -> str:
-        """The registered method this config builds (a config may select between methods)."""
-        return self.method_name
+        """The registered method this config builds: a config class may serve several, told apart by the
+        registry's `selects` predicates (see core.registry.selected_method)."""
+        return selected_method(self)
 
     def for_model(self, model_type: str | None) -> AdapterConfig:
         """This config with defaults that depend on the architecture filled in (transformers `model_type`, None for

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import UnknownMethodError
+from ..errors import ConfigError, UnknownMethodError
 
 if TYPE_CHECKING:
     from .adapter import Adapter
     from .config import AdapterConfig
 
-__all__ = ["MethodSpec", "register_adapter", "register_config", "get_method", "method_names", "config_for_peft_type"]
+__all__ = ["MethodSpec", "register_adapter", "register_config", "get_method", "method_names", "config_for_peft_type",
+           "check_selected", "selected_method"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class MethodSpec:
     config_cls: type[AdapterConfig]
     summary: str
     config_defaults: dict = field(default_factory=dict)
+    selects: Callable[[AdapterConfig], bool] | None = None
 
     def make_config(self, **fields) -> AdapterConfig:
         """A config that selects this method (config_defaults carry e.g. the flag that picks it), from fields."""
@@ -37,19 +40,46 @@ def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
     return cls
 
 
-def register_adapter(name: str, config_cls: type[AdapterConfig], config_defaults: dict | None = None):
-    """Class decorator: register an adapter class under a method name. `config_defaults` are the config
-    fields that select this method when the config class serves several (peft's LoraConfig(use_dora=True))."""
+def register_adapter(name: str, config_cls: type[AdapterConfig], config_defaults: dict | None = None,
+                     selects: Callable[[AdapterConfig], bool] | None = None):
+    """Class decorator: register an adapter class under a method name. When the config class serves several
+    methods (peft's LoraConfig(use_dora=True)), `selects(config)` says whether a config picks this one and
+    `config_defaults` are the fields that make a config that does."""
 
     def deco(cls: type[Adapter]) -> type[Adapter]:
         if name in _ADAPTERS:
             raise ValueError(f"method {name!r} is registered twice")
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph
-        _ADAPTERS[name] = MethodSpec(name, cls, config_cls, summary, dict(config_defaults or {}))
+        _ADAPTERS[name] = MethodSpec(name, cls, config_cls, summary, dict(config_defaults or {}), selects)
         cls.method_name = name
         return cls
 
     return deco
+
+
+def _selecting(config: AdapterConfig) -> list[MethodSpec]:
+    return [s for s in _ADAPTERS.values() if type(config) is s.config_cls and s.selects and s.selects(config)]
+
+
+def check_selected(config: AdapterConfig) -> None:
+    """Run `check_config` of every method the config's fields select (each names the field it refuses), then
+    of the method it builds."""
+    specs = _selecting(config)
+    for spec in specs:
+        spec.adapter_cls.check_config(config)
+    method = selected_method(config)
+    if not specs and method in _ADAPTERS:
+        _ADAPTERS[method].adapter_cls.check_config(config)
+
+
+def selected_method(config: AdapterConfig) -> str:
+    """The method a config builds: the one registered for its class whose `selects` accepts it, else the class's
+    own `method_name`; ConfigError when its fields select several."""
+    hits = [s.name for s in _selecting(config)]
+    if len(hits) > 1:
+        raise ConfigError("method", f"the fields of this {type(config).__name__} select several methods {hits}; "
+                                    "keep the fields of one")
+    return hits[0] if hits else config.method_name
 
 
 def get_method(name: str) -> MethodSpec:

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..core.adapter import AdapterContext, LowRank
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter
+from ..errors import ConfigError
 from .lora import LoraAdapter, LoraConfig
 
 __all__ = ["DoraAdapter", "row_norm_reference"]
@@ -46,7 +47,7 @@ def row_norm_reference(w2d: Tensor, a2d: Tensor, b2d: Tensor, s: float) -> Tenso
     return torch.linalg.vector_norm(w2d.float() + s * (b2d.float() @ a2d.float()), dim=1)  # (out,)
 
 
-@register_adapter("dora", LoraConfig, config_defaults={"use_dora": True})
+@register_adapter("dora", LoraConfig, config_defaults={"use_dora": True}, selects=lambda c: c.use_dora)
 class DoraAdapter(LoraAdapter):
     """DoRA (arXiv 2402.09353): y = (m / n) * (W x + s B A drop(x)) + b, n = ||W + s B A||_row (detached).
 
@@ -57,6 +58,11 @@ class DoraAdapter(LoraAdapter):
 
     capabilities = frozenset({"mergeable", "servable", "identity_at_init"})  # lowered(): channel-scaled form
     needs_base_output = True
+
+    @classmethod
+    def check_config(cls, config: LoraConfig) -> None:
+        if config.lora_bias:
+            raise ConfigError("lora_bias", "cannot be combined with use_dora=True; set one of them to False")
 
     def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:

@@ -49,7 +49,8 @@ def dropped_component(w2d: Tensor, r: int) -> Tensor:
     return (u[:, keep:] * s[keep:]) @ vh[keep:]  # (out, in)
 
 
-@register_adapter("kasa", LoraConfig, config_defaults={"kasa_config": {}})
+@register_adapter("kasa", LoraConfig, config_defaults={"kasa_config": {}},
+                  selects=lambda c: c.kasa_config is not None)
 class KasaAdapter(LoraAdapter):
     """KaSA (arXiv 2412.06071): y = W_t x + b + s * B diag(d) A drop(x), W_t = W minus its r smallest singular
     components (the rank-(k - r) truncation, k = min(out, in)).
@@ -62,6 +63,10 @@ class KasaAdapter(LoraAdapter):
     """
 
     capabilities = frozenset({"mergeable", "servable"})
+
+    @classmethod
+    def check_config(cls, config: LoraConfig) -> None:
+        check_kasa_config(config)
 
     def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:

@@ -15,7 +15,7 @@ from ..core.layers import LayerOps
 from ..core.registry import register_adapter, register_config
 from ..errors import ConfigError
 from .common import MAX_RANK, adapter_dtype, check_alpha, check_rank, pattern_value
-from .inits import check_lora_ga_config, init_factors, parse_init
+from .inits import init_factors, parse_init
 
 __all__ = ["LoraConfig", "LoraAdapter", "MAX_RANK", "adapter_dtype"]
 
@@ -59,23 +59,6 @@ class LoraConfig(AdapterConfig):
         if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         parse_init(self.init_lora_weights)
-        check_lora_ga_config(self.lora_ga_config)
-        if self.use_dora and self.init_lora_weights == "lora_ga":
-            raise ConfigError("init_lora_weights", "'lora_ga' cannot be combined with use_dora=True; drop one")
-        if self.use_dora and self.lora_bias:
-            raise ConfigError("lora_bias", "cannot be combined with use_dora=True; set one of them to False")
-        if self.kasa_config is not None:
-            from .kasa import check_kasa_config  # kasa.py imports this module
-
-            check_kasa_config(self)
-
-    @property
-    def method(self) -> str:
-        if self.kasa_config is not None:
-            return "kasa"
-        if self.init_lora_weights == "lora_ga":
-            return "lora_ga"
-        return "dora" if self.use_dora else "lora"
 
     def for_module(self, name: str) -> LoraConfig:
         r = pattern_value(self.rank_pattern, name, self.r)

@@ -17,6 +17,7 @@ from ..core.adapter import AdapterContext
 from ..core.layers import LayerOps
 from ..core.registry import register_adapter
 from ..errors import ConfigError
+from .inits import check_lora_ga_config
 from .lora import LoraAdapter, LoraConfig
 
 __all__ = ["LoraGaAdapter", "lora_ga_factors", "SVD_SEED"]
@@ -59,7 +60,8 @@ def lora_ga_factors(g: Tensor, r: int, s: float, options: dict | None = None) ->
     return a.contiguous(), b.contiguous()
 
 
-@register_adapter("lora_ga", LoraConfig, config_defaults={"init_lora_weights": "lora_ga"})
+@register_adapter("lora_ga", LoraConfig, config_defaults={"init_lora_weights": "lora_ga"},
+                  selects=lambda c: c.init_lora_weights == "lora_ga")
 class LoraGaAdapter(LoraAdapter):
     """LoRA-GA (arXiv 2407.05000): y = W_res x + b + s * B A drop(x), W_res = W - s B0 A0, A0/B0 from SVD(G).
 
@@ -69,6 +71,12 @@ class LoraGaAdapter(LoraAdapter):
     """
 
     calibration = frozenset({"grad"})
+
+    @classmethod
+    def check_config(cls, config: LoraConfig) -> None:
+        check_lora_ga_config(config.lora_ga_config)
+        if config.use_dora:
+            raise ConfigError("init_lora_weights", "'lora_ga' cannot be combined with use_dora=True; drop one")
 
     def __init__(self, ops: LayerOps, config: LoraConfig, initialize: bool = True,
                  ctx: AdapterContext | None = None) -> None:
