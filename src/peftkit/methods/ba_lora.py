@@ -56,10 +56,6 @@ class BaLoraConfig(LoraConfig):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError("ba_svd_k", f"must be an integer >= 1, got {k!r}")
 
-    @property
-    def method(self) -> str:
-        return "ba_lora"
-
     def for_original_base(self) -> BaLoraConfig:
         return self  # the init part is kept in the adapter (ba_init_A/B), the base weight never changes
 

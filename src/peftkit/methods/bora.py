@@ -42,10 +42,6 @@ class BoraConfig(LoraConfig):
             raise ConfigError("init_lora_weights", f"{self.init_lora_weights!r} changes the base weight, which BoRA's "
                                                    "magnitudes are taken from; use True, False or 'gaussian'")
 
-    @property
-    def method(self) -> str:
-        return "bora"
-
     def for_original_base(self) -> BoraConfig:
         return self  # BoRA never changes the base weight
 

@@ -51,10 +51,6 @@ class DifforaConfig(LoraConfig):
         if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho <= 1:
             raise ConfigError("diffora_keep_ratio", f"must be a number in (0, 1], got {rho!r}")
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
     def for_original_base(self) -> DifforaConfig:
         return self
 

@@ -61,10 +61,6 @@ class DrDoraConfig(LoraConfig):
         if self.total_step is not None:
             _check("total_step", self.total_step, lambda v: v >= 1, "None or an integer >= 1", int)
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
     def with_layer_fields(self, per_layer: dict[str, dict[str, Any]]) -> DrDoraConfig:
         bad = sorted({key for fields in per_layer.values() for key in fields} - {RANK_FIELD})
         if bad:

@@ -53,10 +53,6 @@ class LoraGgpoConfig(LoraConfig):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise ConfigError("ggpo_beta", f"must be in [0, 1) (an EMA factor), got {beta!r}")
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
 
 @register_adapter("lora_ggpo", LoraGgpoConfig)
 class LoraGgpoAdapter(LoraAdapter):

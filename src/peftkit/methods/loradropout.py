@@ -53,10 +53,6 @@ class LoraDropoutConfig(LoraConfig):
                                                    "moves the base weight would not be undone by the (1-p)^2 "
                                                    f"evaluation scale), got {self.init_lora_weights!r}")
 
-    @property
-    def method(self) -> str:
-        return "loradropout"
-
     def for_original_base(self) -> LoraDropoutConfig:
         return self  # no accepted init changes the base weight
 

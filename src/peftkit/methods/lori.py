@@ -59,10 +59,6 @@ class LoriConfig(LoraConfig):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
                 raise ConfigError(name, f"must be None or an integer >= {low}, got {v!r}")
 
-    @property
-    def method(self) -> str:
-        return "lori"
-
     def for_original_base(self) -> LoriConfig:
         return self  # LoRI never changes the base weight
 

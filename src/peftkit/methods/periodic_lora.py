@@ -60,10 +60,6 @@ class PeriodicLoraConfig(LoraConfig):
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < 1:
             raise ConfigError("plora_momentum", f"must be in [0, 1), got {mu!r}")
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
     def for_original_base(self) -> PeriodicLoraConfig:
         """The saved stages and the live one as one rank-(K+1) r LoRA with the same s (K = 0: nothing to unload)."""
         k = self.plora_max_stages + 1

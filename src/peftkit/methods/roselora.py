@@ -87,10 +87,6 @@ class RoseLoraConfig(LoraConfig):
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
             raise ConfigError("rose_clamp", f"must be None or a finite number > 0, got {c!r}")
 
-    @property
-    def method(self) -> str:
-        return self.method_name
-
     def for_original_base(self) -> RoseLoraConfig:
         return self  # RoseLoRA never changes the base weight
 

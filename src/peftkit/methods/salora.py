@@ -50,10 +50,6 @@ class SaLoraConfig(LoraConfig):
                                                    "identity under the safety projection; use True, False or "
                                                    "'gaussian'")
 
-    @property
-    def method(self) -> str:
-        return "salora"
-
     def for_original_base(self) -> SaLoraConfig:
         return self  # SaLoRA never changes the base weight
 

@@ -87,10 +87,6 @@ class ShearsConfig(LoraConfig):
                                     f"got {k!r}")
 
     @property
-    def method(self) -> str:
-        return self.method_name
-
-    @property
     def rank_choices(self) -> tuple[int, ...]:
         """The search space, largest first."""
         default = (self.r, math.ceil(3 * self.r / 4), math.ceil(self.r / 2))
